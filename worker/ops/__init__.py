@@ -1,0 +1,1 @@
+"""Attention and other kernels: Triton on CUDA, torch reference elsewhere."""
