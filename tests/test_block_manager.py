@@ -82,9 +82,13 @@ def test_the_last_token_is_never_a_hit():
 
 def test_hash_is_chained_over_the_prefix():
     kv = KVCacheManager(num_blocks=16, block_size=BS)
-    admit(kv, make_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
-    # The second block's tokens match, but its parent differs: no hit at all.
-    assert kv.get_computed_blocks(make_request("b", [0, 0, 0, 0, 5, 6, 7, 8, 9])) == ([], 0)
+    a = make_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    b = make_request("b", [0, 0, 0, 0, 5, 6, 7, 8, 9])
+    admit(kv, a)
+    # b's second block has a's tokens but follows another block: its KV differs, no sharing.
+    assert admit(kv, b) == 0
+    c = make_request("c", [0, 0, 0, 0, 5, 6, 7, 8, 9])
+    assert kv.get_computed_blocks(c) == (kv.block_table("b")[:2], 8)
 
 
 def test_finished_request_blocks_are_reused_by_a_later_identical_prompt():

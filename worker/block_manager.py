@@ -223,8 +223,12 @@ class KVCacheManager:
     def check_invariants(self, live_request_ids: Iterable[str]) -> None:
         """Raise AssertionError when the pool is inconsistent (used by tests)."""
         live = set(live_request_ids)
-        _check(set(self._tables) <= live, f"block tables of dead requests: {set(self._tables) - live}")
-        _check(set(self._num_handled) <= set(self._tables), "cache state of requests without blocks")
+        _check(
+            set(self._tables) <= live, f"block tables of dead requests: {set(self._tables) - live}"
+        )
+        _check(
+            set(self._num_handled) <= set(self._tables), "cache state of requests without blocks"
+        )
         refs = [0] * self.num_blocks
         for request_id, table in self._tables.items():
             _check(len(set(table)) == len(table), f"block twice in the table of {request_id}")

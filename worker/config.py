@@ -54,11 +54,12 @@ class ModelConfig:
             )
         hidden = config["hidden_size"]
         heads = config["num_attention_heads"]
-        rope_scaling = config.get("rope_scaling")
-        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
-            None,
-            "default",
-        ):
+        # transformers 5 writes `rope_parameters` (theta and scaling together); older configs
+        # have `rope_theta` and `rope_scaling`.
+        rope_parameters = dict(config.get("rope_parameters") or {})
+        rope_theta = config.get("rope_theta", rope_parameters.pop("rope_theta", 10000.0))
+        rope_scaling = config.get("rope_scaling") or rope_parameters or None
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
         return cls(
             architecture=architecture,
@@ -70,13 +71,11 @@ class ModelConfig:
             num_key_value_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or hidden // heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=config.get(
-                "attention_bias", architecture == "Qwen2ForCausalLM"
-            ),
+            attention_bias=config.get("attention_bias", architecture == "Qwen2ForCausalLM"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
         )
@@ -164,12 +163,6 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
-        if not self.enable_chunked_prefill and self.max_model_len is not None:
-            if self.max_num_batched_tokens < self.max_model_len:
-                raise ValueError(
-                    "max_num_batched_tokens must be >= max_model_len when chunked prefill is off "
-                    f"({self.max_num_batched_tokens} < {self.max_model_len})"
-                )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"

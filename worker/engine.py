@@ -152,7 +152,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         sampled = {}
         if scheduler_output.scheduled:
-            sampled = self.runner.execute(scheduler_output, self.kv_cache.block_table)
+            sampled = self.runner.execute(scheduler_output)
         self.scheduler.update_from_output(scheduler_output)
         now = time.monotonic()
         outputs, finished = [], []
@@ -182,26 +182,29 @@ class LLMEngine:
         params = request.sampling_params
         previous_len = len(state.detokenizer.text)
         state.detokenizer.add([token])
-        text = state.detokenizer.text
-        state.text = text
+        status, reason = None, None
         if token in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED, token
-        if not params.ignore_eos and token in request.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED, None
-        if params.stop:
-            # Only the new text (and what a stop string could straddle) needs searching.
-            search_from = max(0, previous_len - max(map(len, params.stop)) + 1)
-            hits = [(i, s) for s in params.stop if (i := text.find(s, search_from)) >= 0]
-            if hits:
-                index, stop = min(hits)
-                state.text = text[:index]
-                return RequestStatus.FINISHED_STOPPED, stop
-        if (
+            status, reason = RequestStatus.FINISHED_STOPPED, token
+        elif not params.ignore_eos and token in request.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif (
             request.num_output_tokens >= params.max_tokens
             or request.num_tokens >= self.max_model_len
         ):
-            return RequestStatus.FINISHED_LENGTH, None
-        return None, None
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            # Release a character the last token left incomplete.
+            state.detokenizer.flush()
+        state.text = state.detokenizer.text
+        if params.stop:
+            # Only the new text (and what a stop string could straddle) needs searching.
+            search_from = max(0, previous_len - max(map(len, params.stop)) + 1)
+            hits = [(i, s) for s in params.stop if (i := state.text.find(s, search_from)) >= 0]
+            if hits:
+                index, stop = min(hits)
+                state.text = state.text[:index]
+                return RequestStatus.FINISHED_STOPPED, stop
+        return status, reason
 
     def _output(
         self, request: Request, state: _TextState, stop_reason: str | int | None = None

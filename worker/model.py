@@ -30,7 +30,9 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [num_decodes] int32, cached tokens incl. the new one
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
-    prefill_query_start_loc: torch.Tensor  # [num_prefills + 1] int32, offsets from the first prefill token
+    prefill_query_start_loc: (
+        torch.Tensor
+    )  # [num_prefills + 1] int32, offsets from the first prefill token
 
 
 class RMSNorm(nn.Module):
@@ -221,7 +223,9 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (
-            self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+            self.model.embed_tokens.weight
+            if self.config.tie_word_embeddings
+            else self.lm_head.weight
         )
         return F.linear(hidden, weight)
 

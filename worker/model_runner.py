@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -58,7 +57,14 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
         element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * element
+        return (
+            2
+            * mc.num_hidden_layers
+            * self.block_size
+            * mc.num_key_value_heads
+            * mc.head_dim
+            * element
+        )
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -87,9 +93,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self,
-        scheduler_output: SchedulerOutput,
-        block_table_of: Callable[[str], list[int]],
+        self, scheduler_output: SchedulerOutput
     ) -> dict[str, tuple[int, TokenLogprob | None]]:
         """Run one step; return the sampled token (and logprobs) of each request that completed
         all its known tokens this step. Prefill chunks that stop mid-prompt sample nothing."""
@@ -99,19 +103,19 @@ class ModelRunner:
         batch = decodes + prefills
         if not batch:
             return {}
-        tables = [np.asarray(block_table_of(s.request.request_id), dtype=np.int64) for s in batch]
+        tables = [np.asarray(s.block_ids, dtype=np.int64) for s in batch]
         input_ids, positions, slots = [], [], []
         sample_rows, samplers = [], []
         num_tokens = 0
         for s, table in zip(batch, tables, strict=True):
-            start = s.request.num_computed_tokens
+            start = s.num_computed_tokens
             end = start + s.num_new_tokens
             pos = np.arange(start, end)
             input_ids.append(_token_slice(s.request, start, end))
             positions.append(pos)
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             num_tokens += s.num_new_tokens
-            if s.samples:
+            if s.needs_sampling:
                 sample_rows.append(num_tokens - 1)
                 samplers.append(s)
         meta = AttentionMetadata(
@@ -156,7 +160,7 @@ class ModelRunner:
 
     def _seq_lens(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         return self._tensor(
-            [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled], torch.int32
+            [s.num_computed_tokens + s.num_new_tokens for s in scheduled], torch.int32
         )
 
 

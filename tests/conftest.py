@@ -1,0 +1,29 @@
+"""Shared pytest setup."""
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter. The switch is read when a
+# kernel is decorated, so it must be set before anything imports kvops.worker.ops.triton_attention.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine():
+    """The default model (SmolLM2-135M-Instruct GGUF, float32) in one engine for the session."""
+    from kvops.worker.config import EngineConfig
+    from kvops.worker.engine import LLMEngine
+
+    return LLMEngine(EngineConfig())
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer_json() -> str:
+    """The default model's tokenizer as tokenizer.json text, to put beside random-weight models."""
+    from kvops.worker.tokenizer import Tokenizer
+    from kvops.worker.weights import resolve_model
+
+    return Tokenizer.from_gguf(resolve_model("default")).backend.to_str()
