@@ -344,6 +344,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert admitted == waiting_before[: len(admitted)]  # FIFO, no skipping ahead
         if output.preempted:
             assert not admitted
+        # Preempted requests go back to the front, oldest first; the rest keeps its order.
+        assert [r.request_id for r in scheduler.waiting] == [
+            r.request_id for r in reversed(output.preempted)
+        ] + waiting_before[len(admitted) :]
         for request in output.preempted:
             assert request.status is RequestStatus.PREEMPTED
             assert request.request_id not in ids

@@ -72,7 +72,7 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks not referenced by any request (cached free blocks included: they are evictable)."""
+        """Blocks no request references (cached free blocks included: they are evictable)."""
         return len(self._free)
 
     @property
