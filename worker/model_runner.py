@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -42,13 +43,8 @@ class ModelRunner:
             model_config.num_key_value_heads,
             model_config.head_dim,
         )
-        # zeros, not empty: on the CPU the pages are only committed when a block is first written.
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(model_config.num_hidden_layers)
+            (self._zeros(shape), self._zeros(shape)) for _ in range(model_config.num_hidden_layers)
         ]
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = random.Random(config.seed)
@@ -75,6 +71,19 @@ class ModelRunner:
         else:
             budget = self.config.cpu_kv_cache_bytes
         return max(int(budget // self.kv_bytes_per_block), 0)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed KV tensor (the attention reference needs finite values in unused slots).
+
+        On the CPU it comes from calloc (through numpy), so its pages are committed only when a
+        block is first written: a 2 GiB cache costs what it holds, not 2 GiB. torch.zeros
+        would memset, and so commit, all of it at start.
+        """
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        raw = torch.from_numpy(np.zeros(math.prod(shape) * element, dtype=np.uint8))
+        return raw.view(self.dtype).view(shape)
 
     def release(self, request_ids: list[str]) -> None:
         """Forget the sampling state of finished requests."""

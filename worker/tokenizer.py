@@ -31,6 +31,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from kvops.worker.gguf_file import read_gguf
+
 logger = logging.getLogger(__name__)
 
 # Bumped whenever the GGUF conversion changes, so stale cache entries are not reused.
@@ -284,8 +286,6 @@ class Tokenizer:
         if cached is not None:
             return cached
         if metadata is None:
-            from kvops.worker.weights import read_gguf
-
             metadata = read_gguf(path).metadata
         backend, meta = convert_gguf_tokenizer(metadata, source=path)
         if cache_dir:
