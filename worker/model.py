@@ -157,6 +157,10 @@ class Attention(nn.Module):
                     meta.prefill_seq_lens,
                     meta.prefill_query_start_loc,
                     self.scale,
+                    # The new keys/values again: prompts without earlier context attend to them
+                    # directly rather than gathering them back from the cache (torch backend).
+                    key=k[nd:],
+                    value=v[nd:],
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -37,10 +37,11 @@ class ModelRunner:
         backend = get_attention_backend(config.attention_backend, self.device)
         self.model = build_model(model_config, state_dict, backend, max_model_len, self.device)
         self.num_blocks = self._num_kv_blocks()
+        # kv-head major, the layout every attention backend takes (see ops/attention.py).
         shape = (
+            model_config.num_key_value_heads,
             self.num_blocks,
             self.block_size,
-            model_config.num_key_value_heads,
             model_config.head_dim,
         )
         self.kv_caches = [

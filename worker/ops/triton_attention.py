@@ -308,7 +308,7 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
+            "k_cache and v_cache must both be [num_kv_heads, num_blocks, block_size, head_dim], "
             f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -327,7 +327,7 @@ def write_kv_cache(
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, _, block_size, head_dim = k_cache.shape
     key, value = _inner_contiguous(key), _inner_contiguous(value)
     slot_mapping = slot_mapping.contiguous()
     _write_kv_kernel[(num_tokens,)](
@@ -340,12 +340,12 @@ def write_kv_cache(
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        k_cache.stride(1),  # block
+        k_cache.stride(2),  # slot in the block
+        k_cache.stride(0),  # kv head
+        v_cache.stride(1),  # block
+        v_cache.stride(2),  # slot in the block
+        v_cache.stride(0),  # kv head
         NUM_KV_HEADS=num_kv_heads,
         KV_HEADS_PAD=_pad(num_kv_heads),
         HEAD_DIM=head_dim,
@@ -371,7 +371,7 @@ def paged_decode_attention(
     del max_seq_len  # each program reads its own length
     _check_cache(k_cache, v_cache)
     batch, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads, _, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
     query = _inner_contiguous(query)
     block_tables = block_tables.contiguous()
@@ -388,12 +388,12 @@ def paged_decode_attention(
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        k_cache.stride(1),  # block
+        k_cache.stride(2),  # slot in the block
+        k_cache.stride(0),  # kv head
+        v_cache.stride(1),  # block
+        v_cache.stride(2),  # slot in the block
+        v_cache.stride(0),  # kv head
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -419,14 +419,19 @@ def paged_prefill_attention(
     scale: float,
     *,
     max_query_len: int | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of new tokens over their paged context; returns ``[T, heads, d]``.
 
     Without ``max_query_len`` the grid size costs one host sync (reading the query lengths).
+    ``key``/``value`` (this step's new keys/values) are accepted for the common signature and
+    ignored: the kernel reads every key from the cache.
     """
+    del key, value
     _check_cache(k_cache, v_cache)
     num_tokens, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads, _, block_size, _ = k_cache.shape
     batch = seq_lens.shape[0]
     query = _inner_contiguous(query)
     block_tables = block_tables.contiguous()
@@ -448,12 +453,12 @@ def paged_prefill_attention(
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        k_cache.stride(1),  # block
+        k_cache.stride(2),  # slot in the block
+        k_cache.stride(0),  # kv head
+        v_cache.stride(1),  # block
+        v_cache.stride(2),  # slot in the block
+        v_cache.stride(0),  # kv head
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
