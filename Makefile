@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
-SOURCES := pyproject.toml $(shell find worker -name '*.py' 2>/dev/null)
+SOURCES := pyproject.toml $(shell find worker proto -name '*.py' 2>/dev/null)
 
-.PHONY: setup run lint test bench
+.PHONY: setup run lint test bench proto
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Regenerate the gRPC stubs committed beside proto/kvops/v1/engine.proto (tests/test_proto.py checks them).
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/kvops/v1/engine.proto
 
 bench: setup
 	$(BIN)/python bench/engine_throughput.py

@@ -313,6 +313,11 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the step thread runs (liveness probes report it)."""
+        return self._thread.is_alive() and not self._stopping
+
     def stats(self) -> EngineStats:
         """The snapshot taken after the latest step (safe from any thread)."""
         return self._stats
