@@ -317,6 +317,27 @@ def test_unsupported_exporter_settings_are_named(monkeypatch):
         configure_tracing()
 
 
+@pytest.mark.parametrize(
+    ("env", "service_name"),
+    [
+        ({}, "kvops-worker"),
+        ({"OTEL_SERVICE_NAME": "from-env"}, "from-env"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,k8s.pod.name=p"}, "from-attrs"),
+    ],
+)
+def test_service_name_follows_the_environment(monkeypatch, env, service_name):
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    for name, setting in env.items():
+        monkeypatch.setenv(name, setting)
+    provider = configure_tracing()
+    try:
+        assert provider.resource.attributes["service.name"] == service_name
+    finally:
+        provider.shutdown()
+
+
 def test_otlp_export_reaches_a_receiver(finished_output, monkeypatch):
     with OTLPReceiver() as receiver:
         monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)

@@ -184,7 +184,7 @@ class ServingMetrics:
         self._e2e.labels(*labels).observe(end - arrival)
         decoded = len(output.token_ids) - 1
         # Only a finished output says when its last token came.
-        if decoded > 0 and output.first_token_time is not None and output.finished_time:
+        if decoded > 0 and output.first_token_time is not None and output.finished_time is not None:
             self._tpot.labels(*labels).observe(
                 (output.finished_time - output.first_token_time) / decoded
             )
@@ -266,8 +266,11 @@ def configure_tracing(service_name: str = "kvops-worker") -> TracerProvider | No
     exporter = _exporter_from_env()
     if exporter is None:
         return None
-    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, which win over ours.
-    resource = Resource.create({"service.name": service_name}).merge(Resource.create())
+    # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without either it
+    # names the service "unknown_service:python", which our default replaces.
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service_name}))
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     provider.add_span_processor(BatchSpanProcessor(exporter))
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
