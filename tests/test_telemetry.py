@@ -70,7 +70,6 @@ def value(samples: dict[str, list], name: str, **labels: str) -> float:
 # ------------------------------------------------------------------------------------ metrics
 
 
-@pytest.mark.slow
 def test_metrics_after_real_requests(async_engine):
     engine = async_engine
     metrics = ServingMetrics(engine.model_name, engine.stats)
