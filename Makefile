@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
-SOURCES := pyproject.toml $(shell find worker proto -name '*.py' 2>/dev/null)
+SOURCES := pyproject.toml $(shell find worker proto operator -name '*.py' 2>/dev/null)
 
-.PHONY: setup run lint test bench proto
+.PHONY: setup run lint test bench proto crds
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: lint
 # Regenerate the gRPC stubs committed beside proto/kvops/v1/engine.proto (tests/test_proto.py checks them).
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/kvops/v1/engine.proto
+
+# Regenerate crds/ from the pydantic models in operator/api.py (tests/test_operator_api.py checks them).
+crds: setup
+	$(BIN)/kvops crds --output-dir crds
 
 bench: setup
 	$(BIN)/python bench/engine_throughput.py

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--raw", action="store_true", help="no chat template: complete the text")
     add_engine_arguments(generate)
     generate.set_defaults(handler=generate_command)
+    from kvops.operator.cli import add_operator_commands  # kopf itself is imported lazily
+
+    add_operator_commands(commands)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,578 @@
+"""The three kvops.io resources as pydantic models, and the CRDs generated from them.
+
+The models are the one definition of each resource: the operator parses objects with them and
+`crd_documents()` turns them into CustomResourceDefinitions. Pydantic's JSON Schema is not a
+Kubernetes structural schema, so `structural()` inlines references and rewrites what the API
+server refuses; rules the schema cannot express are CEL rules (`x-kubernetes-validations`),
+mirrored by pydantic validators so that the operator's own parse fails the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kvops.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# A DNS-1123 label (names of Services, Deployments, our resources) and subdomain (Secrets, ...).
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SUBDOMAIN_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+# hf://org/name@revision, pvc://claim/path, s3://bucket/prefix, builtin://smollm2
+MODEL_SOURCE_PATTERN = (
+    r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
+    r"|builtin://smollm2)$"
+)
+# A resource.Quantity such as 10Gi or 500M (or a plain number of bytes).
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+DEFAULT_IMAGE = "ghcr.io/kvops/kvops-worker:0.1.0"
+
+
+class Spec(BaseModel):
+    """camelCase on the wire as Kubernetes expects; unknown fields are an error."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Condition(Spec):
+    """A metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class StatusBase(Spec):
+    observed_generation: int | None = Field(None, ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+# ---------------------------------------------------------------------------------- LLMDeployment
+
+
+class ModelSource(Spec):
+    source: str = Field(
+        pattern=MODEL_SOURCE_PATTERN,
+        max_length=512,
+        description="hf://org/name@revision, pvc://claim/path, s3://bucket/prefix or "
+        "builtin://smollm2",
+    )
+    format: Literal["auto", "safetensors", "gguf"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quantization: Literal["none", "q8_0", "q4_0"] = "none"
+    served_name: str | None = Field(
+        None, max_length=253, description="The model name clients send; the resource's by default"
+    )
+
+
+class EngineSettings(Spec):
+    block_size: Literal[8, 16, 32, 64, 128] = Field(16, description="Tokens per KV-cache block")
+    max_num_seqs: int = Field(64, ge=1, le=4096)
+    max_model_len: int | None = Field(None, ge=16, le=1048576)
+    max_num_batched_tokens: int = Field(2048, ge=16, le=1048576)
+    kv_cache_memory_fraction: float = Field(0.9, ge=0.05, le=0.99)
+    prefix_caching: bool = True
+
+
+class Toleration(Spec):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Autoscaling(Spec):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must not exceed maxReplicas",
+                    "fieldPath": ".minReplicas",
+                }
+            ]
+        }
+    )
+
+    min_replicas: int = Field(1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metric: Literal["queueDepth", "kvCacheUsage"] = "queueDepth"
+    target: int | str = Field(
+        8,
+        description="Average per pod: waiting requests for queueDepth, a percentage such as "
+        "'80%' for kvCacheUsage",
+        json_schema_extra={"pattern": r"^[0-9]+%?$"},
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        return self
+
+
+class SecretKeyRef(Spec):
+    name: str = Field(pattern=SUBDOMAIN_PATTERN, max_length=253)
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+class EnvVar(Spec):
+    """A plain value or a reference to a Secret's key (secrets are never copied into objects)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.value) != has(self.secretKeyRef)",
+                    "message": "set exactly one of value and secretKeyRef",
+                }
+            ]
+        }
+    )
+
+    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)
+    value: str | None = Field(None, max_length=32768)
+    secret_key_ref: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if (self.value is None) == (self.secret_key_ref is None):
+            raise ValueError(f"env {self.name}: set exactly one of value and secretKeyRef")
+        return self
+
+
+class PromptRef(Spec):
+    name: str = Field(pattern=NAME_PATTERN, max_length=63, description="The prompt's name")
+    label: str = Field("production", pattern=NAME_PATTERN, max_length=63)
+
+
+class Retrieval(Spec):
+    vector_index: str = Field(pattern=NAME_PATTERN, max_length=63)
+    top_k: int = Field(4, ge=1, le=100)
+
+
+class Observability(Spec):
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=512)
+    sampling_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class LLMDeploymentSpec(Spec):
+    model: ModelSource
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    replicas: int = Field(1, ge=0, le=1000)
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per replica (nvidia.com/gpu)")
+    gpu_product: str | None = Field(
+        None, max_length=63, description="Required value of the nvidia.com/gpu.product node label"
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    autoscaling: Autoscaling | None = None
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    prompts: list[PromptRef] = Field(default_factory=list, max_length=32)
+    retrieval: Retrieval | None = None
+    observability: Observability = Field(default_factory=Observability)
+
+
+class LLMDeploymentStatus(StatusBase):
+    phase: Literal["Pending", "Progressing", "Available", "Degraded"] | None = None
+    replicas: int | None = Field(None, ge=0)
+    ready_replicas: int | None = Field(None, ge=0)
+    ready: str | None = Field(None, description="ready/desired replicas, for kubectl get")
+    selector: str | None = Field(None, description="Label selector of the pods (scale subresource)")
+    endpoint: str | None = None
+    model: str | None = None
+
+
+# ---------------------------------------------------------------------------------- PromptVersion
+
+
+class ChatMessage(Spec):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32768, description="A Jinja template over the variables")
+
+
+class PromptVariable(Spec):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=63)
+    required: bool = True
+    default: str | None = Field(None, max_length=32768)
+    description: str | None = Field(None, max_length=1024)
+
+
+class ModelParameters(Spec):
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=1048576)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class Assertion(Spec):
+    contains: str | None = None
+    not_contains: str | None = None
+    regex: str | None = None
+
+
+class EvaluationCase(Spec):
+    inputs: dict[str, str] = Field(default_factory=dict)
+    expect: list[Assertion] = Field(default_factory=list)
+
+
+class Evaluation(Spec):
+    llm_deployment: str = Field(pattern=NAME_PATTERN, max_length=63)
+    dataset: list[EvaluationCase] = Field(min_length=1, max_length=1000)
+
+
+class PromptVersionSpec(Spec):
+    prompt_name: str = Field(pattern=NAME_PATTERN, max_length=63)
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)
+    template: list[ChatMessage] = Field(
+        min_length=1,
+        max_length=32,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "template is immutable: create a new PromptVersion instead",
+                }
+            ]
+        },
+    )
+    variables: list[PromptVariable] = Field(default_factory=list, max_length=64)
+    model_parameters: ModelParameters = Field(default_factory=ModelParameters)
+    labels: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Labels such as production or canary; one version of a prompt holds a label",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    evaluation: Evaluation | None = None
+
+
+class EvaluationResult(Spec):
+    time: str = Field(json_schema_extra={"format": "date-time"})
+    passed: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+
+class PromptVersionStatus(StatusBase):
+    valid: bool | None = None
+    error: str | None = None
+    content_hash: str | None = None
+    used_by: list[str] = Field(default_factory=list)
+    last_evaluation: EvaluationResult | None = None
+
+
+# ------------------------------------------------------------------------------------ VectorIndex
+
+
+class ConfigMapSource(Spec):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+
+
+class PvcSource(Spec):
+    claim_name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    path: str = Field("/", max_length=4096)
+
+
+class Document(Spec):
+    id: str = Field(max_length=253)
+    text: str = Field(max_length=1048576)
+
+
+class IndexSource(Spec):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.configMap), has(self.pvc), has(self.documents)]"
+                    ".filter(x, x).size() == 1",
+                    "message": "set exactly one of configMap, pvc and documents",
+                }
+            ]
+        }
+    )
+
+    config_map: ConfigMapSource | None = None
+    pvc: PvcSource | None = None
+    documents: list[Document] | None = Field(None, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IndexSource:
+        if [self.config_map, self.pvc, self.documents].count(None) != 2:
+            raise ValueError("source: set exactly one of configMap, pvc and documents")
+        return self
+
+
+class Chunking(Spec):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.overlap < self.size",
+                    "message": "chunking.overlap must be smaller than chunking.size",
+                    "fieldPath": ".overlap",
+                }
+            ]
+        }
+    )
+
+    size: int = Field(512, ge=16, le=8192, description="Tokens per chunk")
+    overlap: int = Field(64, ge=0, le=8192)
+
+    @model_validator(mode="after")
+    def _overlap(self) -> Chunking:
+        if self.overlap >= self.size:
+            raise ValueError("chunking.overlap must be smaller than chunking.size")
+        return self
+
+
+class Embedding(Spec):
+    model: str = Field(
+        "builtin://minilm",
+        pattern=r"^(builtin://minilm|llmd://[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
+        description="builtin://minilm or llmd://<LLMDeployment name>",
+    )
+
+
+class Storage(Spec):
+    size: int | str = Field("1Gi", json_schema_extra={"pattern": QUANTITY_PATTERN})
+    storage_class_name: str | None = Field(None, max_length=253)
+
+
+class VectorIndexSpec(Spec):
+    source: IndexSource
+    chunking: Chunking = Field(default_factory=Chunking)
+    embedding: Embedding = Field(default_factory=Embedding)
+    index_type: Literal["flat", "ivf"] = "flat"
+    metric: Literal["cosine", "dot", "l2"] = "cosine"
+    storage: Storage = Field(default_factory=Storage)
+    replicas: int = Field(1, ge=0, le=100)
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class VectorIndexStatus(StatusBase):
+    phase: Literal["Pending", "Building", "Ready", "Failed"] | None = None
+    documents: int | None = Field(None, ge=0)
+    chunks: int | None = Field(None, ge=0)
+    dimension: int | None = Field(None, ge=0)
+    build_hash: str | None = None
+    last_build_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    build_duration_seconds: float | None = Field(None, ge=0)
+    endpoint: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- CRDs
+
+
+@dataclass(frozen=True)
+class Resource:
+    """What a CRD says about one kind besides its schema."""
+
+    kind: str
+    plural: str
+    short_name: str
+    spec: type[Spec]
+    status: type[Spec]
+    columns: list[dict[str, Any]]
+    scale: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
+    column = {"name": name, "type": type_, "jsonPath": path}
+    if priority:
+        column["priority"] = priority
+    return column
+
+
+AGE = _column("Age", ".metadata.creationTimestamp", "date")
+RESOURCES = [
+    Resource(
+        kind="LLMDeployment",
+        plural="llmdeployments",
+        short_name="llmd",
+        spec=LLMDeploymentSpec,
+        status=LLMDeploymentStatus,
+        scale=True,
+        columns=[
+            _column("Ready", ".status.ready"),
+            _column("Endpoint", ".status.endpoint"),
+            _column("Model", ".spec.model.source"),
+            _column("Phase", ".status.phase"),
+            AGE,
+        ],
+    ),
+    Resource(
+        kind="PromptVersion",
+        plural="promptversions",
+        short_name="pver",
+        spec=PromptVersionSpec,
+        status=PromptVersionStatus,
+        columns=[
+            _column("Prompt", ".spec.promptName"),
+            _column("Version", ".spec.version"),
+            _column("Labels", ".spec.labels"),
+            _column("Valid", ".status.valid", "boolean"),
+            _column("Hash", ".status.contentHash", priority=1),
+            AGE,
+        ],
+    ),
+    Resource(
+        kind="VectorIndex",
+        plural="vectorindexes",
+        short_name="vidx",
+        spec=VectorIndexSpec,
+        status=VectorIndexStatus,
+        columns=[
+            _column("Phase", ".status.phase"),
+            _column("Documents", ".status.documents", "integer"),
+            _column("Chunks", ".status.chunks", "integer"),
+            _column("Dimension", ".status.dimension", "integer"),
+            AGE,
+        ],
+    ),
+]
+RESOURCE_BY_KIND = {resource.kind: resource for resource in RESOURCES}
+
+# Keywords of JSON Schema that a CRD's schema (OpenAPI v3.0, structural) refuses or ignores.
+_DROPPED_KEYWORDS = {"title", "$defs", "additionalProperties", "const", "anyOf", "allOf"}
+
+
+def structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """Pydantic's JSON Schema of a model as a Kubernetes structural schema."""
+    definitions = schema.get("$defs", {})
+
+    def convert(node: dict[str, Any]) -> dict[str, Any]:
+        node = dict(node)
+        if "$ref" in node:  # inline the definition; keywords beside the $ref win
+            target = definitions[node.pop("$ref").rsplit("/", 1)[-1]]
+            node = {**target, **node}
+        if "allOf" in node and len(node["allOf"]) == 1:
+            node = {**node["allOf"][0], **{k: v for k, v in node.items() if k != "allOf"}}
+            return convert(node)
+        nullable = False
+        if "anyOf" in node:
+            branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+            nullable = len(branches) < len(node["anyOf"])
+            types = {b.get("type") for b in branches}
+            if types == {"integer", "string"}:
+                # int | str: one field that takes either, as resource.Quantity and IntOrString do
+                node["x-kubernetes-int-or-string"] = True
+            elif len(branches) == 1:
+                node = {**convert(branches[0]), **{k: v for k, v in node.items() if k != "anyOf"}}
+            else:
+                raise ValueError(f"no structural form for anyOf {node['anyOf']}")
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _DROPPED_KEYWORDS or (key == "default" and value is None):
+                continue
+            if key == "properties":
+                value = {name: convert(child) for name, child in value.items()}
+            elif key == "items":
+                value = convert(value)
+            elif key == "exclusiveMinimum" or key == "exclusiveMaximum":
+                # JSON Schema's number form -> OpenAPI v3.0's boolean form
+                out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+                value = True
+            out[key] = value
+        if "const" in node:
+            out["enum"] = [node["const"]]
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            out["additionalProperties"] = convert(extra)
+        elif extra is True:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+        # `additionalProperties: false` needs nothing: a structural schema already prunes unknown
+        # fields and `kubectl apply` (field validation Strict) rejects them.
+        if nullable:
+            out["nullable"] = True
+        if "default" in out and isinstance(out["default"], dict | list) and not out["default"]:
+            del out["default"]
+        return out
+
+    return convert({k: v for k, v in schema.items() if k != "$defs"})
+
+
+def openapi_schema(resource: Resource) -> dict[str, Any]:
+    spec = structural(resource.spec.model_json_schema(by_alias=True))
+    status = structural(resource.status.model_json_schema(by_alias=True))
+    spec.pop("description", None)
+    status.pop("description", None)
+    return {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def crd(resource: Resource) -> dict[str, Any]:
+    subresources: dict[str, Any] = {"status": {}}
+    if resource.scale:
+        subresources["scale"] = {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": resource.name},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.kind.lower(),
+                "shortNames": [resource.short_name],
+                "categories": ["kvops"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema(resource)},
+                    "subresources": subresources,
+                    "additionalPrinterColumns": copy.deepcopy(resource.columns),
+                }
+            ],
+        },
+    }
+
+
+def crd_documents() -> dict[str, str]:
+    """File name -> YAML text of every CRD, as committed under crds/."""
+    import yaml
+
+    header = "# Generated from operator/api.py by `kvops crds --output-dir crds`; do not edit.\n"
+    return {
+        f"{GROUP}_{resource.plural}.yaml": header
+        + yaml.safe_dump(crd(resource), sort_keys=False, width=100)
+        for resource in RESOURCES
+    }

@@ -1,0 +1,47 @@
+"""`kvops crds` and `kvops operator`. Imports are lazy so that the worker's commands never pay
+for kopf or the Kubernetes client."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def crds_command(args: argparse.Namespace) -> int:
+    from kvops.operator.api import crd_documents
+
+    documents = crd_documents()
+    if args.output_dir is None:
+        sys.stdout.write("---\n".join(documents.values()))
+        return 0
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in documents.items():
+        (output / name).write_text(text)
+        print(output / name)
+    return 0
+
+
+def operator_command(args: argparse.Namespace) -> int:
+    from kvops.operator.main import run
+
+    namespaces = [] if args.all_namespaces else [args.namespace]
+    run(namespaces, args.liveness, args.metrics_port)
+    return 0
+
+
+def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
+    crds = subparsers.add_parser("crds", help="print or write the CustomResourceDefinitions")
+    crds.add_argument("--output-dir", default=None, help="write one file per CRD here")
+    crds.set_defaults(handler=crds_command)
+
+    operator = subparsers.add_parser("operator", help="run the Kubernetes operator")
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", default="default", help="watch this namespace")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    operator.add_argument(
+        "--liveness", default=None, help="serve liveness here, e.g. http://0.0.0.0:8080/healthz"
+    )
+    operator.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    operator.set_defaults(handler=operator_command)

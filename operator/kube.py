@@ -1,0 +1,138 @@
+"""The one place that talks to the Kubernetes API server.
+
+Children are written with server-side apply under one field manager, so re-applying the same
+desired object is a no-op and the operator owns exactly the fields it renders. The pure helpers
+(owner references, conditions) live here too because every resource module uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+from typing import Any
+
+FIELD_MANAGER = "kvops-operator"
+MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """The reference that makes the garbage collector delete a child with its owner."""
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def condition(
+    previous: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> dict[str, Any]:
+    """A condition whose lastTransitionTime only moves when its status changes."""
+    value = "True" if status else "False"
+    old = next((c for c in previous if c.get("type") == type_), None)
+    changed = old is None or old.get("status") != value
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now() if changed else old["lastTransitionTime"],
+        "observedGeneration": generation,
+    }
+
+
+def _dynamic() -> Any:
+    global _client
+    with _client_lock:
+        if _client is None:
+            from kubernetes import config, dynamic
+            from kubernetes.client import api_client
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            _client = dynamic.DynamicClient(api_client.ApiClient())
+        return _client
+
+
+def _resource(api_version: str, kind: str) -> Any:
+    return _dynamic().resources.get(api_version=api_version, kind=kind)
+
+
+def apply(obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply of a whole desired object (force: the operator owns what it renders)."""
+    resource = _resource(obj["apiVersion"], obj["kind"])
+    result = _dynamic().server_side_apply(
+        resource,
+        body=obj,
+        namespace=obj["metadata"].get("namespace"),
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+    )
+    return result.to_dict()
+
+
+def get(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        return _resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+    except NotFoundError:
+        return None
+
+
+def list_objects(
+    api_version: str, kind: str, namespace: str, label_selector: str | None = None
+) -> list[dict[str, Any]]:
+    result = _resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
+    return result.to_dict()["items"]
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str) -> bool:
+    """Delete (the children of a Job too); False when it was already gone."""
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        _resource(api_version, kind).delete(
+            name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+        )
+    except NotFoundError:
+        return False
+    return True
+
+
+def patch(api_version: str, kind: str, name: str, namespace: str, body: dict[str, Any]) -> None:
+    """A JSON merge patch (used for the spec of a resource the operator does not own)."""
+    _resource(api_version, kind).patch(
+        name=name, namespace=namespace, body=body, content_type="application/merge-patch+json"
+    )
+
+
+def patch_status(obj: dict[str, Any], status: dict[str, Any]) -> None:
+    """Merge-patch the status subresource; a vanished object is not an error."""
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    resource = _resource(obj["apiVersion"], obj["kind"])
+    metadata = obj["metadata"]
+    path = resource.path(name=metadata["name"], namespace=metadata["namespace"]) + "/status"
+    with contextlib.suppress(NotFoundError):
+        _dynamic().request(
+            "patch", path, body={"status": status}, content_type="application/merge-patch+json"
+        )

@@ -1,0 +1,526 @@
+"""LLMDeployment: render the worker's Deployment, Service, prompt ConfigMap, PodDisruptionBudget
+and autoscaler from the spec (pure functions), then the kopf handlers that apply them and report
+status from the Deployment."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import kopf
+
+from kvops.operator import kube
+from kvops.operator.api import API_VERSION, LLMDeploymentSpec
+from kvops.operator.metrics import measured
+
+HTTP_PORT = 8000
+GRPC_PORT = 50051
+PROMPTS_DIR = "/etc/kvops/prompts"
+MODELS_DIR = "/models"
+RUN_AS_USER = 10001
+# Pods may take long to load a model before /health answers.
+STARTUP_SECONDS = 600
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kvops-worker", "app.kubernetes.io/instance": name}
+
+
+def child_labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), **kube.MANAGED_BY, "kvops.io/llmdeployment": name}
+
+
+def spec_hash(spec: LLMDeploymentSpec) -> str:
+    """Hash of everything that shapes a pod; replicas and autoscaling do not roll pods."""
+    shaping = spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "autoscaling"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_argument(source: str) -> str:
+    """What `kvops serve --model` gets for a source URI (PVCs are mounted under /models)."""
+    if source == "builtin://smollm2":
+        return "default"
+    if source.startswith("pvc://"):
+        return f"{MODELS_DIR}/{source.removeprefix('pvc://')}"
+    return source  # hf:// and s3:// are fetched by the worker into its cache
+
+
+def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
+    engine = spec.engine
+    args = [
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--served-model-name",
+        spec.model.served_name or name,
+        "--model",
+        model_argument(spec.model.source),
+        "--dtype",
+        spec.model.dtype,
+        "--device",
+        "cuda" if spec.gpus else "cpu",
+        "--http-port",
+        str(HTTP_PORT),
+        "--grpc-port",
+        str(GRPC_PORT),
+        "--block-size",
+        str(engine.block_size),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(engine.max_num_batched_tokens),
+    ]
+    if engine.max_model_len is not None:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if not engine.prefix_caching:
+        args.append("--no-prefix-caching")
+    return args
+
+
+def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {
+            "name": "KVOPS_KV_CACHE_MEMORY_FRACTION",
+            "value": str(spec.engine.kv_cache_memory_fraction),
+        },
+        {"name": "OTEL_SERVICE_NAME", "value": f"kvops-worker.{name}"},
+        {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+        {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(spec.observability.sampling_ratio)},
+    ]
+    if spec.observability.otlp_endpoint:
+        env.append(
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.observability.otlp_endpoint}
+        )
+    if spec.prompts:
+        env.append({"name": "KVOPS_PROMPTS_DIR", "value": PROMPTS_DIR})
+    if spec.retrieval:
+        index = spec.retrieval.vector_index
+        env += [
+            {
+                "name": "KVOPS_VECTOR_INDEX_ADDRESS",
+                "value": f"{index}-search.{namespace}.svc:{GRPC_PORT}",
+            },
+            {"name": "KVOPS_RETRIEVAL_TOP_K", "value": str(spec.retrieval.top_k)},
+        ]
+    for var in spec.env:
+        if var.secret_key_ref is not None:
+            ref = var.secret_key_ref
+            source = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+            env.append({"name": var.name, "valueFrom": source})
+        else:
+            env.append({"name": var.name, "value": var.value})
+    return env
+
+
+def restricted_container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def metadata(owner: dict[str, Any], name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner["metadata"]["namespace"],
+        "labels": child_labels(owner["metadata"]["name"]),
+        "ownerReferences": [kube.owner_reference(owner)],
+    }
+
+
+def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    namespace = owner["metadata"]["namespace"]
+    volumes: list[dict[str, Any]] = [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "cache", "mountPath": "/cache"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.prompts:
+        volumes.append({"name": "prompts", "configMap": {"name": f"{name}-prompts"}})
+        mounts.append({"name": "prompts", "mountPath": PROMPTS_DIR, "readOnly": True})
+    if spec.model.source.startswith("pvc://"):
+        claim = spec.model.source.removeprefix("pvc://").split("/", 1)[0]
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+
+    node_selector = dict(spec.node_selector)
+    if spec.gpu_product:
+        node_selector["nvidia.com/gpu.product"] = spec.gpu_product
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    limits: dict[str, Any] = {}
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = spec.gpus
+        # GPU nodes are commonly tainted so that only pods asking for GPUs land on them.
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+
+    container = {
+        "name": "worker",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["kvops"],
+        "args": engine_arguments(name, spec),
+        "env": environment(name, namespace, spec),
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        ],
+        "resources": {"limits": limits} if limits else {},
+        "startupProbe": http_probe("/health", 10, STARTUP_SECONDS // 10),
+        "livenessProbe": http_probe("/health", 10, 3),
+        "readinessProbe": http_probe("/ready", 5, 3),
+        "securityContext": restricted_container_security(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": restricted_pod_security(),
+        # The worker drains in-flight requests on SIGTERM.
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, name),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            "template": {
+                "metadata": {
+                    "labels": child_labels(name),
+                    "annotations": {
+                        "kvops.io/spec-hash": spec_hash(spec),
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(HTTP_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(owner: dict[str, Any]) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+            ],
+        },
+    }
+
+
+def render_prompts_config_map(
+    owner: dict[str, Any], spec: LLMDeploymentSpec, versions: dict[tuple[str, str], dict]
+) -> dict[str, Any]:
+    """One JSON file per prompt reference with the PromptVersion that holds the label now.
+
+    `versions` maps (prompt name, label) to that PromptVersion object; a reference no version
+    holds yet is written as unresolved so the worker can say why it is missing.
+    """
+    data = {}
+    for ref in spec.prompts:
+        version = versions.get((ref.name, ref.label))
+        entry: dict[str, Any] = {"name": ref.name, "label": ref.label}
+        if version is None:
+            entry["resolved"] = False
+        else:
+            pv_spec = version["spec"]
+            entry.update(
+                resolved=True,
+                promptVersion=version["metadata"]["name"],
+                version=pv_spec["version"],
+                contentHash=(version.get("status") or {}).get("contentHash"),
+                template=pv_spec["template"],
+                variables=pv_spec.get("variables", []),
+                modelParameters=pv_spec.get("modelParameters", {}),
+            )
+        data[f"{ref.name}.{ref.label}.json"] = json.dumps(entry, indent=2, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, f"{owner['metadata']['name']}-prompts"),
+        "data": data,
+    }
+
+
+def render_disruption_budget(owner: dict[str, Any]) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(owner, name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
+# Per-pod metrics the worker exports, served to the autoscaler by a custom-metrics adapter.
+AUTOSCALING_METRICS = {
+    "queueDepth": "kvops_requests_waiting",
+    "kvCacheUsage": "kvops_kv_cache_usage",
+}
+
+
+def render_autoscaler(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """An HPA that scales the LLMDeployment itself (through its scale subresource)."""
+    autoscaling = spec.autoscaling
+    assert autoscaling is not None
+    target = str(autoscaling.target)
+    if target.endswith("%"):  # a fraction of the KV cache, as a Kubernetes quantity
+        target = f"{int(target[:-1]) * 10}m"
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(owner, owner["metadata"]["name"]),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": API_VERSION,
+                "kind": "LLMDeployment",
+                "name": owner["metadata"]["name"],
+            },
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": AUTOSCALING_METRICS[autoscaling.metric]},
+                        "target": {"type": "AverageValue", "averageValue": target},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render(
+    owner: dict[str, Any], spec: LLMDeploymentSpec, versions: dict[tuple[str, str], dict]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+    """(children to apply, (apiVersion, kind, name) of optional children to delete)."""
+    name = owner["metadata"]["name"]
+    apply = [render_deployment(owner, spec), render_service(owner), render_disruption_budget(owner)]
+    delete = []
+    if spec.prompts:
+        apply.append(render_prompts_config_map(owner, spec, versions))
+    else:
+        delete.append(("v1", "ConfigMap", f"{name}-prompts"))
+    if spec.autoscaling:
+        apply.append(render_autoscaler(owner, spec))
+    else:
+        delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
+    return apply, delete
+
+
+def deployment_rolled_out(deployment: dict[str, Any], desired: int) -> bool:
+    status = deployment.get("status") or {}
+    return (
+        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 1)
+        and status.get("updatedReplicas", 0) == desired
+        and status.get("replicas", 0) == desired
+        and status.get("readyReplicas", 0) == desired
+    )
+
+
+def render_status(
+    owner: dict[str, Any], spec: LLMDeploymentSpec, deployment: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The LLMDeployment's status from its Deployment (None: not created yet)."""
+    name = owner["metadata"]["name"]
+    namespace = owner["metadata"]["namespace"]
+    generation = owner["metadata"].get("generation")
+    previous = (owner.get("status") or {}).get("conditions") or []
+    desired = spec.replicas
+    deployment_status = (deployment or {}).get("status") or {}
+    ready = deployment_status.get("readyReplicas", 0)
+    replicas = deployment_status.get("replicas", 0)
+    stalled = next(
+        (
+            c
+            for c in deployment_status.get("conditions", [])
+            if (c["type"] == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded")
+            or (c["type"] == "ReplicaFailure" and c["status"] == "True")
+        ),
+        None,
+    )
+    rolled_out = deployment is not None and deployment_rolled_out(deployment, desired)
+    available = ready >= 1
+
+    def cond(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+        return kube.condition(previous, type_, status, reason, message, generation)
+
+    conditions = [
+        cond(
+            "Available",
+            available,
+            "MinimumReplicasReady" if available else "NoReplicasReady",
+            f"{ready} of {desired} replicas ready",
+        ),
+        cond(
+            "Progressing",
+            not rolled_out,
+            "RollingOut" if not rolled_out else "RolledOut",
+            "waiting for the Deployment's new pods"
+            if not rolled_out
+            else "all replicas run the current spec",
+        ),
+        cond(
+            "Degraded",
+            stalled is not None,
+            stalled.get("reason", "ReplicaFailure") if stalled else "AsExpected",
+            stalled.get("message", "") if stalled else "",
+        ),
+    ]
+    healthy = rolled_out and stalled is None and (available or desired == 0)
+    conditions.append(
+        cond(
+            "Ready",
+            healthy,
+            "Ready" if healthy else "NotReady",
+            "serving with every replica" if healthy else f"{ready} of {desired} replicas ready",
+        )
+    )
+    if stalled is not None:
+        phase = "Degraded"
+    elif not rolled_out:
+        phase = "Progressing" if deployment is not None else "Pending"
+    else:
+        phase = "Available" if available else "Pending"
+    return {
+        "observedGeneration": generation,
+        "phase": phase,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "ready": f"{ready}/{desired}",
+        "selector": ",".join(f"{k}={v}" for k, v in selector_labels(name).items()),
+        "endpoint": f"{name}.{namespace}.svc:{HTTP_PORT}",
+        "model": spec.model.served_name or spec.model.source,
+        "conditions": conditions,
+    }
+
+
+# ---------------------------------------------------------------------------------------- handlers
+
+PROMPT_VERSION = (API_VERSION, "PromptVersion")
+
+
+def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, str], dict]:
+    """For each (prompt, label) the deployment references, the valid version that holds it."""
+    if not spec.prompts:
+        return {}
+    from kvops.operator.promptversion import holder_of_label
+
+    all_versions = kube.list_objects(*PROMPT_VERSION, namespace)
+    resolved = {}
+    for ref in spec.prompts:
+        version = holder_of_label(all_versions, ref.name, ref.label)
+        if version is not None:
+            resolved[(ref.name, ref.label)] = version
+    return resolved
+
+
+def reconcile(body: dict[str, Any], logger: Any = None) -> None:
+    """Bring the children and the status in line with the spec; safe to repeat at any time."""
+    if body["metadata"].get("deletionTimestamp"):
+        return
+    with measured("LLMDeployment"):
+        try:
+            spec = LLMDeploymentSpec.model_validate(body["spec"])
+        except ValueError as error:
+            raise kopf.PermanentError(f"invalid spec: {error}") from error
+        namespace = body["metadata"]["namespace"]
+        children, stale = render(body, spec, resolve_prompts(namespace, spec))
+        applied = {child["kind"]: kube.apply(child) for child in children}
+        for api_version, kind, name in stale:
+            kube.delete(api_version, kind, name, namespace)
+        status = render_status(body, spec, applied["Deployment"])
+        old_phase = (body.get("status") or {}).get("phase")
+        if old_phase != status["phase"]:
+            kopf.info(
+                body, reason=status["phase"], message=f"phase {old_phase} -> {status['phase']}"
+            )
+        kube.patch_status(body, status)
+
+
+def as_dict(body: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(body)))
+
+
+@kopf.on.resume(API_VERSION, "llmdeployments")
+@kopf.on.create(API_VERSION, "llmdeployments")
+@kopf.on.update(API_VERSION, "llmdeployments", field="spec")
+def on_change(body: kopf.Body, **_: Any) -> None:
+    reconcile(as_dict(body))
+
+
+@kopf.timer(API_VERSION, "llmdeployments", interval=60, initial_delay=60, idle=30)
+def on_timer(body: kopf.Body, **_: Any) -> None:
+    """Level-based safety net: repairs drift that no watch event reported."""
+    reconcile(as_dict(body))
+
+
+def reconcile_owner(child: dict[str, Any]) -> None:
+    for ref in child["metadata"].get("ownerReferences", []):
+        if ref.get("apiVersion") == API_VERSION and ref.get("kind") == "LLMDeployment":
+            owner = kube.get(
+                API_VERSION, "LLMDeployment", ref["name"], child["metadata"]["namespace"]
+            )
+            if owner is not None and owner["metadata"]["uid"] == ref["uid"]:
+                reconcile(owner)
+
+
+# A child changed (pods became ready) or vanished (someone deleted it): reconcile its owner.
+for _group_version, _plural in [
+    ("apps/v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("policy/v1", "poddisruptionbudgets"),
+]:
+    kopf.on.event(
+        _group_version,
+        _plural,
+        labels={"kvops.io/llmdeployment": kopf.PRESENT},
+        id=f"llmdeployment-child-{_plural}",
+    )(lambda body, **_: reconcile_owner(as_dict(body)))

@@ -1,0 +1,53 @@
+"""The operator process: kopf settings, the three resources' handlers, metrics and liveness."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+# Importing the modules registers their handlers with kopf.
+from kvops.operator import llmdeployment, promptversion, vectorindex  # noqa: F401
+from kvops.operator.kube import FIELD_MANAGER
+
+PEERING_NAME = FIELD_MANAGER
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's own bookkeeping goes into annotations: the CRDs' status schemas have no room for it
+    # (a structural schema would prune status.kopf).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvops.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kvops.io", key="last-handled-configuration"
+    )
+    # Operators of the same peering pause while one of higher priority runs (leader election
+    # through kopf's peering objects, when their CRDs are installed).
+    settings.peering.name = PEERING_NAME
+    settings.peering.mandatory = False
+    settings.posting.enabled = True
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.batching.error_delays = [1, 2, 5, 10, 30]
+    settings.execution.max_workers = 8
+
+
+@kopf.on.probe(id="handlers")
+def handlers_registered(**_: Any) -> int:
+    """Reported by the liveness endpoint: answering at all means the event loop is alive."""
+    return 3
+
+
+def run(namespaces: list[str], liveness: str | None, metrics_port: int | None) -> None:
+    from prometheus_client import start_http_server
+
+    if metrics_port:
+        start_http_server(metrics_port)
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+        peering_name=PEERING_NAME,
+    )
