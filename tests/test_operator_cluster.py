@@ -1,0 +1,437 @@
+"""The operator against a real control plane (kube-apiserver, etcd, controller manager, scheduler,
+kwok's fake GPU nodes): `kvops operator` runs as a subprocess, the resources go in with kubectl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 90.0
+CRD_NAMES = ["llmdeployments.kvops.io", "promptversions.kvops.io", "vectorindexes.kvops.io"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Operator:
+    """`kvops operator` for one namespace, as a process that tests may kill."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path):
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log = log
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        command = [
+            sys.executable,
+            "-m",
+            "kvops.worker.serve.cli",
+            "operator",
+            "--namespace",
+            self.namespace,
+            "--liveness",
+            f"http://127.0.0.1:{self.liveness_port}/healthz",
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def namespace(kube_cluster) -> str:
+    name = f"kvops-op-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", name)
+    kube_cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    kube_cluster.kubectl(
+        "wait", "--for", "condition=Established", "--timeout=60s", *[f"crd/{c}" for c in CRD_NAMES]
+    )
+    return name
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, namespace, tmp_path_factory):
+    process = Operator(
+        kube_cluster.kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "log"
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+class Kube:
+    """kubectl in the test namespace, with bounded waits that explain themselves."""
+
+    def __init__(self, cluster, namespace: str, operator: Operator):
+        self.cluster = cluster
+        self.namespace = namespace
+        self.operator = operator
+
+    def __call__(self, *args: str, input: str | None = None) -> str:
+        return self.cluster.kubectl("-n", self.namespace, *args, input=input)
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        return self("apply", "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self("get", kind, name, "-o", "json"))
+        except Exception as error:
+            if "NotFound" in str(error):
+                return None
+            raise
+
+    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        return json.loads(self("get", kind, "-l", selector, "-o", "json"))["items"]
+
+    def refused(self, obj: dict[str, Any]) -> str:
+        """The API server's message when it rejects `obj` (fails the test if it is accepted)."""
+        try:
+            self.apply(obj)
+        except Exception as error:
+            return str(error)
+        pytest.fail(f"the API server accepted {obj['metadata']['name']}")
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            time.sleep(0.5)
+        pytest.fail(
+            f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n"
+            f"operator log:\n{self.operator.log_tail()}"
+        )
+
+    def status(self, kind: str, name: str) -> dict[str, Any]:
+        return (self.get(kind, name) or {}).get("status") or {}
+
+    def wait_available(self, name: str, replicas: int) -> dict[str, Any]:
+        def available():
+            status = self.status("llmd", name)
+            return (
+                status
+                if status.get("phase") == "Available"
+                and status.get("readyReplicas") == replicas
+                and status.get("replicas") == replicas
+                else None
+            )
+
+        return self.wait(f"llmd/{name} Available with {replicas} ready", available)
+
+
+@pytest.fixture
+def kube(kube_cluster, namespace, operator) -> Kube:
+    return Kube(kube_cluster, namespace, operator)
+
+
+def llmd(name: str, **spec: Any) -> dict[str, Any]:
+    """An LLMDeployment on CPUs unless `gpus` is given: the fake nodes hold 16 GPUs in all."""
+    return {
+        "apiVersion": "kvops.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"source": "builtin://smollm2"}, "gpus": 0, **spec},
+    }
+
+
+def pver(name: str, prompt: str, content: str, labels=(), variables=("question",)) -> dict:
+    return {
+        "apiVersion": "kvops.io/v1alpha1",
+        "kind": "PromptVersion",
+        "metadata": {"name": name},
+        "spec": {
+            "promptName": prompt,
+            "version": name.rsplit("-", 1)[-1],
+            "template": [{"role": "user", "content": content}],
+            "variables": [{"name": v} for v in variables],
+            "labels": list(labels),
+        },
+    }
+
+
+def children(kube: Kube, name: str) -> dict[str, list[dict[str, Any]]]:
+    selector = f"kvops.io/llmdeployment={name}"
+    return {
+        kind: kube.items(kind, selector)
+        for kind in ["deployments", "services", "configmaps", "poddisruptionbudgets"]
+    }
+
+
+def pods_running(kube: Kube, name: str) -> list[dict[str, Any]]:
+    pods = kube.items("pods", f"app.kubernetes.io/instance={name}")
+    return [
+        p
+        for p in pods
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_examples_apply_and_list_with_their_columns(kube):
+    for example in ["promptversion", "llmdeployment", "vectorindex"]:
+        kube("apply", "-f", str(ROOT / "examples" / f"{example}.yaml"))
+    header = kube("get", "llmd").splitlines()[0].split()
+    assert header == ["NAME", "READY", "ENDPOINT", "MODEL", "PHASE", "AGE"]
+    kube.wait_available("smollm2", 1)
+    row = kube("get", "llmd", "smollm2", "--no-headers").split()
+    assert row[:5] == [
+        "smollm2",
+        "1/1",
+        f"smollm2.{kube.namespace}.svc:8000",
+        "builtin://smollm2",
+        "Available",
+    ]
+    listed = kube("get", "kvops", "-o", "name").split()
+    assert {
+        "llmdeployment.kvops.io/smollm2",
+        "promptversion.kvops.io/support-answer-v1",
+        "vectorindex.kvops.io/product-docs",
+    } <= set(listed)
+    kube.wait(
+        "the example prompt valid", lambda: kube.status("pver", "support-answer-v1").get("valid")
+    )
+    row = kube("get", "pver", "support-answer-v1", "--no-headers").split()
+    assert row[:5] == ["support-answer-v1", "support-answer", "1", '["production"]', "true"]
+    index = kube.wait(
+        "the example index's build Job",
+        lambda: kube.items("jobs", "kvops.io/vectorindex=product-docs"),
+    )
+    assert index[0]["metadata"]["name"].startswith("product-docs-build-")
+    assert kube.get("pvc", "product-docs-index") is not None
+    assert kube.status("vidx", "product-docs").get("documents") == 2
+
+
+def test_llmdeployment_yields_gpu_workers_service_and_prompts(kube):
+    kube.apply(pver("greeting-v1", "greeting", "Say hello to {{ question }}", ["production"]))
+    kube.apply(llmd("chat", replicas=2, gpus=2, prompts=[{"name": "greeting"}]))
+    status = kube.wait_available("chat", 2)
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Available": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "Ready": "True",
+    }
+    assert status["observedGeneration"] == kube.get("llmd", "chat")["metadata"]["generation"]
+    deployment = kube.get("deployment", "chat")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["args"][:1] == ["serve"]
+    service = kube.get("service", "chat")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 50051}
+
+    def prompt_resolved():
+        data = (kube.get("configmap", "chat-prompts") or {}).get("data", {})
+        entry = json.loads(data.get("greeting.production.json", "{}"))
+        return entry if entry.get("resolved") else None
+
+    entry = kube.wait("the prompt ConfigMap to hold greeting-v1", prompt_resolved)
+    assert entry["promptVersion"] == "greeting-v1"
+    assert entry["template"] == [{"role": "user", "content": "Say hello to {{ question }}"}]
+    assert len(pods_running(kube, "chat")) == 2
+    for pod in pods_running(kube, "chat"):
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_spec_change_rolls_pods_and_scaling_shows_in_status(kube):
+    kube.apply(llmd("roll", replicas=1, engine={"maxNumSeqs": 8}))
+    kube.wait_available("roll", 1)
+    first = kube.get("deployment", "roll")["spec"]["template"]["metadata"]["annotations"]
+    kube.apply(llmd("roll", replicas=1, engine={"maxNumSeqs": 16}))
+
+    def max_num_seqs(pod_spec: dict[str, Any]) -> str:
+        args = pod_spec["containers"][0]["args"]
+        return args[args.index("--max-num-seqs") + 1]
+
+    def rolled():
+        pods = pods_running(kube, "roll")
+        return len(pods) == 1 and max_num_seqs(pods[0]["spec"]) == "16"
+
+    kube.wait("pods with --max-num-seqs 16", rolled)
+    second = kube.get("deployment", "roll")["spec"]["template"]["metadata"]["annotations"]
+    assert first["kvops.io/spec-hash"] != second["kvops.io/spec-hash"]
+    kube.wait_available("roll", 1)
+
+    kube("scale", "llmd", "roll", "--replicas", "3")
+    status = kube.wait_available("roll", 3)
+    assert status["ready"] == "3/3"
+    assert kube.get("deployment", "roll")["spec"]["replicas"] == 3
+    kube("scale", "llmd", "roll", "--replicas", "1")
+    kube.wait_available("roll", 1)
+
+
+def test_deleted_children_come_back_and_deleting_the_resource_collects_them(kube):
+    kube.apply(llmd("gc", prompts=[{"name": "nothing-yet"}]))
+    kube.wait_available("gc", 1)
+    for kind, name in [("service", "gc"), ("configmap", "gc-prompts"), ("deployment", "gc")]:
+        uid = kube.get(kind, name)["metadata"]["uid"]
+        kube("delete", kind, name, "--wait=true")
+        kube.wait(
+            f"{kind}/{name} to be recreated",
+            lambda kind=kind, name=name, uid=uid: (
+                (kube.get(kind, name) or {}).get("metadata", {}).get("uid", uid) != uid
+            ),
+        )
+    kube.wait_available("gc", 1)
+    kube("delete", "llmd", "gc", "--wait=true")
+    kube.wait(
+        "the garbage collector to delete every child",
+        lambda: not any(children(kube, "gc").values()) and not pods_running(kube, "gc"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda o: o["spec"].pop("model"), "spec.model"),
+        (lambda o: o["spec"].update(replicas=-1), "spec.replicas"),
+        (lambda o: o["spec"]["model"].update(source="ftp://models/x"), "spec.model.source"),
+        (lambda o: o["spec"].update(bogus=1), 'unknown field "spec.bogus"'),
+        (
+            lambda o: o["spec"].update(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
+            "minReplicas must not exceed maxReplicas",
+        ),
+        (lambda o: o["spec"]["engine"].update(blockSize=12), "spec.engine.blockSize"),
+    ],
+    ids=[
+        "missing-model",
+        "negative-replicas",
+        "bad-source",
+        "unknown-field",
+        "min-over-max",
+        "block-size",
+    ],
+)
+def test_invalid_llmdeployments_are_refused_naming_the_field(kube, change, field):
+    obj = llmd("invalid", engine={})
+    change(obj)
+    assert field in kube.refused(obj)
+
+
+def test_invalid_vector_index_and_immutable_template_are_refused(kube):
+    index = yaml.safe_load((ROOT / "examples" / "vectorindex.yaml").read_text())
+    index["metadata"]["name"] = "bad-chunks"
+    index["spec"]["chunking"] = {"size": 64, "overlap": 64}
+    assert "chunking.overlap must be smaller than chunking.size" in kube.refused(index)
+
+    kube.apply(pver("frozen-v1", "frozen", "{{ question }}"))
+    edited = pver("frozen-v1", "frozen", "{{ question }}!")
+    message = kube.refused(edited)
+    assert "spec.template" in message and "immutable" in message
+    # Labels are not part of the template: they may move.
+    kube.apply(pver("frozen-v1", "frozen", "{{ question }}", ["canary"]))
+
+
+def test_prompt_template_errors_and_label_moves(kube):
+    kube.apply(pver("broken-v1", "broken", "{{ question }"))
+    status = kube.wait(
+        "broken-v1 marked invalid", lambda: kube.status("pver", "broken-v1").get("error")
+    )
+    assert "template[0].content" in status and "unexpected" in status
+    assert kube.status("pver", "broken-v1")["valid"] is False
+
+    kube.apply(pver("faq-v1", "faq", "v1: {{ question }}", ["production"]))
+    kube.apply(pver("faq-v2", "faq", "v2: {{ question }}"))
+    kube.apply(llmd("faq-bot", prompts=[{"name": "faq", "label": "production"}]))
+
+    def served_version():
+        data = (kube.get("configmap", "faq-bot-prompts") or {}).get("data", {})
+        return json.loads(data.get("faq.production.json", "{}")).get("promptVersion")
+
+    kube.wait("faq-bot's ConfigMap to serve faq-v1", lambda: served_version() == "faq-v1")
+    kube("patch", "pver", "faq-v2", "--type", "merge", "-p", '{"spec":{"labels":["production"]}}')
+    kube.wait("faq-bot's ConfigMap to serve faq-v2", lambda: served_version() == "faq-v2")
+    assert "production" not in kube.get("pver", "faq-v1")["spec"].get("labels", [])
+    kube.wait(
+        "faq-v2's status to list faq-bot",
+        lambda: kube.status("pver", "faq-v2").get("usedBy") == ["faq-bot"],
+    )
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(kube):
+    names = [f"crash-{i}" for i in range(5)]
+    kube.operator.kill()
+    for name in names:
+        kube.apply(llmd(name, replicas=2, prompts=[{"name": "faq"}]))
+    kube.operator.start()
+    # Kill as soon as the first child appears: the other resources are half done.
+    kube.wait(
+        "the restarted operator's first Deployment",
+        lambda: kube.items("deployments", f"kvops.io/llmdeployment in ({','.join(names)})"),
+        timeout=WAIT_S,
+    )
+    kube.operator.kill()
+    kube.operator.start()
+    for name in names:
+        kube.wait_available(name, 2)
+        found = children(kube, name)
+        assert {kind: len(objs) for kind, objs in found.items()} == {
+            "deployments": 1,
+            "services": 1,
+            "configmaps": 1,
+            "poddisruptionbudgets": 1,
+        }, name
+        replica_sets = kube.items("replicasets", f"app.kubernetes.io/instance={name}")
+        assert len(replica_sets) == 1, name
+        kube.wait(f"exactly 2 pods of {name}", lambda name=name: len(pods_running(kube, name)) == 2)
+
+
+def test_operator_serves_liveness_and_metrics(kube):
+    def fetch(port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.read().decode()
+
+    kube.wait("liveness", lambda: _answers(lambda: fetch(kube.operator.liveness_port, "/healthz")))
+    metrics = fetch(kube.operator.metrics_port, "/metrics")
+    assert 'kvops_operator_reconciles_total{kind="LLMDeployment",result="success"}' in metrics
+    assert "kvops_operator_reconcile_duration_seconds_bucket" in metrics
+
+
+def _answers(call: Callable[[], str]) -> bool:
+    try:
+        call()
+    except OSError:
+        return False
+    return True
