@@ -27,3 +27,39 @@ def default_tokenizer_json() -> str:
     from kvops.worker.weights import resolve_model
 
     return Tokenizer.from_gguf(resolve_model("default")).backend.to_str()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster():
+    """A real local control plane (tests/controlplane.py) with fake GPU nodes, for the session.
+
+    Fails, never skips, when the binaries are missing: `make test` builds them (`make tools`).
+    """
+    from controlplane import LocalControlPlane
+
+    with LocalControlPlane() as plane:
+        yield plane
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver():
+    """An OTLP/gRPC trace receiver on loopback (tests/otlp_receiver.py)."""
+    from otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def default_server(otlp_receiver):
+    """`kvops serve` on the default model, exporting its traces to `otlp_receiver`."""
+    from serve_process import ServeProcess
+
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": "kvops-test-worker",
+    }
+    with ServeProcess(env=env) as server:
+        yield server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -354,6 +355,9 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
+                # Nobody reads this stream any more (its event loop may even close first).
+                with self._lock:
+                    self._streams.pop(request.request_id, None)
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
@@ -406,15 +410,13 @@ class AsyncLLMEngine:
             if output.finished:
                 self._streams.pop(output.request_id, None)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, output)
+            _put(target, output)
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         with self._lock:
             target = self._streams.pop(request_id, None)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, error)
+            _put(target, error)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
@@ -422,3 +424,10 @@ class AsyncLLMEngine:
         for request_id in request_ids:
             self.engine.abort_request(request_id)
             self._deliver_error(request_id, RuntimeError(f"engine step failed: {error}"))
+
+
+def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: object) -> None:
+    """Hand an item to a stream's event loop; a loop that has closed has no reader left."""
+    loop, queue = target
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -63,6 +63,42 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+
+    from kvops.worker.engine import AsyncLLMEngine
+    from kvops.worker.serve.server import ServerOptions, serve
+    from kvops.worker.serve.service import ServingOptions
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The key comes from a file or the environment, never the command line (process listings).
+    api_key = os.environ.get("KVOPS_API_KEY") or None
+    if args.api_key_file:
+        with open(args.api_key_file) as file:
+            api_key = file.read().strip() or None
+    server = ServerOptions(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        shutdown_grace=args.shutdown_grace,
+        grpc_tls_cert=args.grpc_tls_cert,
+        grpc_tls_key=args.grpc_tls_key,
+    )
+    server.validate()
+    engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
+    options = ServingOptions(
+        served_model_name=args.served_model_name or engine.model_name,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        api_key=api_key,
+    )
+    return asyncio.run(serve(engine, options, server))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvops", description="kvops: LLMOps on Kubernetes")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +114,36 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--raw", action="store_true", help="no chat template: complete the text")
     add_engine_arguments(generate)
     generate.set_defaults(handler=generate_command)
+
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on this machine"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=50051)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use")
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait beyond the running batch; more get HTTP 429",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds a request may take"
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM",
+    )
+    serve.add_argument(
+        "--api-key-file", default=None, help="require this key (else $KVOPS_API_KEY, if set)"
+    )
+    serve.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
+    serve.add_argument("--grpc-tls-key", default=None, help="PEM private key for --grpc-tls-cert")
+    add_engine_arguments(serve)
+    serve.set_defaults(handler=serve_command)
     from kvops.operator.cli import add_operator_commands  # kopf itself is imported lazily
 
     add_operator_commands(commands)

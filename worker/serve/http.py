@@ -1,0 +1,360 @@
+"""The OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) and probes.
+
+Bodies are read and parsed here rather than by a framework so that every malformed input
+(oversized, invalid UTF-8, bad JSON, a wrong field) gets a 400 that names the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kvops.worker.request import RequestOutput, SamplingParams
+from kvops.worker.serve import openai_protocol as protocol
+from kvops.worker.serve.service import (
+    InvalidRequest,
+    Overloaded,
+    ServingError,
+    ServingState,
+    ShuttingDown,
+)
+
+log = logging.getLogger(__name__)
+
+# Far above any prompt that fits a context window; it bounds the memory one request can take.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# A client may ask for a shorter deadline than the server's with this header (seconds).
+TIMEOUT_HEADER = "x-request-timeout"
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def create_app(state: ServingState) -> Starlette:
+    started = int(time.time())
+
+    async def health(request: Request) -> Response:
+        alive = state.engine.is_alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, 200 if alive else 503)
+
+    async def ready(request: Request) -> Response:
+        if state.ready:
+            return JSONResponse({"status": "ready", "model": state.model_name})
+        return JSONResponse({"status": "draining" if state.draining else "not ready"}, 503)
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = state.metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    async def models(request: Request) -> Response:
+        _authenticate(state, request)
+        model = {
+            "id": state.model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "kvops",
+            "max_model_len": state.engine.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def chat_completions(request: Request) -> Response:
+        _authenticate(state, request)
+        body = await _read_body(request, protocol.ChatCompletionRequest)
+        state.check_model(body.model)
+        prompt_ids = state.chat_prompt_ids(body.template_messages())
+        max_tokens = body.requested_max_tokens() or state.remaining_context(prompt_ids)
+        params = [body.sampling_params(max_tokens, body.logprobs_count(), i) for i in range(body.n)]
+        call = _Call(state, request, "chat", "chatcmpl", prompt_ids, params, body.stream)
+        if body.stream:
+            return call.stream(_chat_chunks(state, call, body.include_usage))
+        finals = await call.collect()
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": output.text},
+                "logprobs": protocol.chat_logprobs(output.logprobs, state.token_text),
+                "finish_reason": output.finish_reason,
+            }
+            for i, output in enumerate(finals)
+        ]
+        return JSONResponse(call.response("chat.completion", choices, finals))
+
+    async def completions(request: Request) -> Response:
+        _authenticate(state, request)
+        body = await _read_body(request, protocol.CompletionRequest)
+        state.check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = state.text_prompt_ids(body.prompt)
+        else:
+            prompt_ids = list(body.prompt)
+        params = [body.sampling_params(body.max_tokens, body.logprobs, i) for i in range(body.n)]
+        call = _Call(state, request, "text_completion", "cmpl", prompt_ids, params, body.stream)
+        if body.stream:
+            return call.stream(_completion_chunks(state, call, body.include_usage))
+        finals = await call.collect()
+        choices = [
+            {
+                "index": i,
+                "text": output.text,
+                "logprobs": protocol.completion_logprobs(output.logprobs, state.token_text, 0),
+                "finish_reason": output.finish_reason,
+            }
+            for i, output in enumerate(finals)
+        ]
+        return JSONResponse(call.response("text_completion", choices, finals))
+
+    async def serving_error(request: Request, error: ServingError) -> Response:
+        state.record_error(error)
+        headers = {}
+        if isinstance(error, Overloaded | ShuttingDown):
+            headers["Retry-After"] = str(Overloaded.retry_after_s)
+        body = protocol.error_body(error.message, error.error_type, error.param)
+        return JSONResponse(body, error.http_status, headers=headers)
+
+    async def unexpected_error(request: Request, error: Exception) -> Response:
+        log.exception("request failed")
+        body = protocol.error_body("internal server error", "server_error", None)
+        return JSONResponse(body, 500)
+
+    routes = [
+        Route("/health", health),
+        Route("/ready", ready),
+        Route("/metrics", metrics),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={ServingError: serving_error, Exception: unexpected_error},
+    )
+
+
+class _Call:
+    """One HTTP request's n engine requests: admission, deadline, streaming or collecting."""
+
+    def __init__(
+        self,
+        state: ServingState,
+        request: Request,
+        operation: str,
+        id_prefix: str,
+        prompt_ids: list[int],
+        params: list[SamplingParams],
+        stream: bool,
+    ):
+        # Refuse what the engine would refuse before any response (or stream) starts.
+        state.check_request(prompt_ids, params[0])
+        self.state = state
+        self.request = request
+        self.operation = operation
+        self.request_id = state.new_request_id(id_prefix)
+        self.created = int(time.time())
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.streaming = stream
+        self.timeout = _client_timeout(request)
+
+    def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) as the engine produces them, merged over the n choices."""
+        return self.state.generate(
+            self.prompt_ids,
+            self.params,
+            self.request_id,
+            operation=self.operation,
+            carrier=self.request.headers,
+            stream=self.streaming,
+            timeout=self.timeout,
+        )
+
+    async def collect(self) -> list[RequestOutput]:
+        """Each choice's final output; a client that disconnects first aborts them all."""
+        finals: list[RequestOutput | None] = [None] * len(self.params)
+
+        async def run() -> None:
+            async with contextlib.aclosing(self.outputs()) as outputs:
+                async for index, output in outputs:
+                    if output.finished:
+                        finals[index] = output
+
+        with self.state.admit(len(self.params)):
+            await _unless_disconnected(self.request, run())
+        return finals  # type: ignore[return-value]
+
+    def stream(self, events: AsyncIterator[dict]) -> Response:
+        admission = contextlib.ExitStack()
+        admission.enter_context(self.state.admit(len(self.params)))
+        return _EventStream(_server_sent_events(self.state, events), on_close=admission.close)
+
+    def response(self, obj: str, choices: list[dict], finals: list[RequestOutput]) -> dict:
+        return {
+            **protocol.envelope(self.request_id, obj, self.state.model_name, self.created),
+            "choices": choices,
+            "usage": protocol.usage(len(self.prompt_ids), finals),
+        }
+
+    def chunk(self, obj: str, choices: list[dict]) -> dict:
+        return {
+            **protocol.envelope(self.request_id, obj, self.state.model_name, self.created),
+            "choices": choices,
+        }
+
+
+async def _chat_chunks(state: ServingState, call: _Call, include_usage: bool):
+    obj = "chat.completion.chunk"
+    for i in range(len(call.params)):
+        opening = {"role": "assistant", "content": ""}
+        yield call.chunk(obj, [{"index": i, "delta": opening, "finish_reason": None}])
+    finals = []
+    async with contextlib.aclosing(call.outputs()) as outputs:
+        async for index, output in outputs:
+            if not (output.new_text or output.finished or output.new_logprobs):
+                continue
+            choice = {
+                "index": index,
+                "delta": {"content": output.new_text} if output.new_text else {},
+                "logprobs": protocol.chat_logprobs(output.new_logprobs, state.token_text),
+                "finish_reason": output.finish_reason if output.finished else None,
+            }
+            yield call.chunk(obj, [choice])
+            if output.finished:
+                finals.append(output)
+    if include_usage:
+        yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
+
+
+async def _completion_chunks(state: ServingState, call: _Call, include_usage: bool):
+    obj = "text_completion"
+    offsets = [0] * len(call.params)
+    finals = []
+    async with contextlib.aclosing(call.outputs()) as outputs:
+        async for index, output in outputs:
+            if not (output.new_text or output.finished or output.new_logprobs):
+                continue
+            logprobs = protocol.completion_logprobs(
+                output.new_logprobs, state.token_text, offsets[index]
+            )
+            offsets[index] += len(output.new_text)
+            choice = {
+                "index": index,
+                "text": output.new_text,
+                "logprobs": logprobs,
+                "finish_reason": output.finish_reason if output.finished else None,
+            }
+            yield call.chunk(obj, [choice])
+            if output.finished:
+                finals.append(output)
+    if include_usage:
+        yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
+
+
+async def _server_sent_events(state: ServingState, events: AsyncIterator[dict]):
+    """SSE framing; an error after the stream started travels as an error event."""
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except ServingError as error:
+        state.record_error(error)
+        body = protocol.error_body(error.message, error.error_type, error.param)
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that releases its admission slots however it ends.
+
+    Starlette cancels a streaming response when the client disconnects, sometimes before the
+    body iterator has started, so the release cannot live in the iterator itself.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], object]):
+        super().__init__(content, media_type="text/event-stream")
+        self.headers["Cache-Control"] = "no-cache"
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+            self._on_close()
+
+
+async def _unless_disconnected(request: Request, work) -> None:
+    """Run `work`; if the client hangs up first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.done() and not task.cancelled():
+        task.result()
+
+
+async def _read_body(request: Request, model: type[Body]) -> Body:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InvalidRequest(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {error.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(
+            f"malformed JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+
+
+def _authenticate(state: ServingState, request: Request) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    state.authenticate(token if scheme.lower() == "bearer" else None)
+
+
+def _client_timeout(request: Request) -> float | None:
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = 0
+    if not timeout > 0:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds > 0", TIMEOUT_HEADER)
+    return timeout

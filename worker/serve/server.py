@@ -1,0 +1,118 @@
+"""`kvops serve`: the HTTP and gRPC servers over one AsyncLLMEngine, and a graceful shutdown.
+
+On SIGTERM (or SIGINT) readiness turns false and new requests are refused, the requests in
+flight get `shutdown_grace` seconds to finish, then both servers stop and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import uvicorn
+
+from kvops.worker.engine import AsyncLLMEngine
+from kvops.worker.serve import grpc as grpc_api
+from kvops.worker.serve.http import create_app
+from kvops.worker.serve.service import ServingOptions, ServingState
+from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics, configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    shutdown_grace: float = 30.0
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+
+    def validate(self) -> None:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key must be given together")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: `serve()` below owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerOptions) -> int:
+    server.validate()
+    tracer_provider = configure_tracing()
+    state = ServingState(
+        engine,
+        options,
+        ServingMetrics(options.served_model_name, engine.stats),
+        RequestTracer(tracer_provider),
+    )
+    grpc_server, health, grpc_port = grpc_api.create_server(
+        state,
+        f"{server.host}:{server.grpc_port}",
+        _read(server.grpc_tls_cert),
+        _read(server.grpc_tls_key),
+    )
+    http = _HttpServer(
+        uvicorn.Config(
+            create_app(state),
+            host=server.host,
+            port=server.http_port,
+            log_level="warning",
+            timeout_graceful_shutdown=max(server.shutdown_grace, 1),
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    await grpc_api.set_serving(health, True)
+    http_task = asyncio.create_task(http.serve())
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.05)
+    if http_task.done():
+        await grpc_server.stop(0)
+        http_task.result()
+        raise RuntimeError(f"the HTTP server could not listen on {server.host}:{server.http_port}")
+    scheme = "grpcs" if server.grpc_tls_cert else "grpc"
+    log.warning(
+        "kvops serving %s: http://%s:%d (OpenAI API), %s://%s:%d",
+        state.model_name,
+        server.host,
+        server.http_port,
+        scheme,
+        server.host,
+        grpc_port,
+    )
+
+    await stop.wait()
+    log.warning("shutting down: draining %d request(s)", state.in_flight)
+    state.draining = True
+    await grpc_api.set_serving(health, False)
+    if not await state.wait_idle(server.shutdown_grace):
+        log.warning("grace period over: %d request(s) cut off", state.in_flight)
+    http.should_exit = True
+    await grpc_server.stop(grace=1)
+    await http_task
+    engine.shutdown()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()
+    return 0
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()

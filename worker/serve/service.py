@@ -1,0 +1,341 @@
+"""What the HTTP and gRPC servers share: admission, deadlines, draining, telemetry, errors.
+
+Both servers turn their wire format into token ids and SamplingParams, then call
+`ServingState.generate()`, which is the only way a request reaches the engine. Errors are
+`ServingError`s that each server maps onto its own status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvops.worker.engine import AsyncLLMEngine
+from kvops.worker.request import RequestOutput, SamplingParams
+from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics
+
+# How many completions one request may ask for (OpenAI's `n`).
+MAX_CHOICES = 16
+
+
+class ServingError(Exception):
+    """An error a client sees: an HTTP status, a gRPC status code name and OpenAI's error type."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "server_error"
+    # What `kvops_requests_total{outcome=...}` counts it as.
+    outcome = "error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ServingError):
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    error_type = "invalid_request_error"
+    outcome = "invalid"
+
+
+class ModelNotFound(ServingError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    error_type = "invalid_request_error"
+    outcome = "invalid"
+
+
+class Unauthenticated(ServingError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    error_type = "invalid_request_error"
+    outcome = "invalid"
+
+
+class Overloaded(ServingError):
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    error_type = "rate_limit_error"
+    outcome = "rejected"
+    # Seconds a client should wait before retrying (HTTP Retry-After, gRPC retry-after metadata).
+    retry_after_s = 1
+
+
+class ShuttingDown(ServingError):
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    error_type = "server_error"
+    outcome = "rejected"
+
+
+class DeadlineExceeded(ServingError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    error_type = "timeout_error"
+    outcome = "timeout"
+
+
+@dataclass
+class ServingOptions:
+    served_model_name: str
+    # Requests that may wait beyond the running batch (max_num_seqs); more are refused.
+    max_queue: int = 256
+    # Seconds a request may take end to end, unless the client asks for less (None: unbounded).
+    request_timeout: float | None = None
+    api_key: str | None = None
+
+    def validate(self) -> None:
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+
+
+class ServingState:
+    """One worker's shared state: the engine, how many requests it holds, whether it drains."""
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        options: ServingOptions,
+        metrics: ServingMetrics,
+        tracer: RequestTracer,
+    ):
+        options.validate()
+        self.engine = engine
+        self.options = options
+        self.metrics = metrics
+        self.tracer = tracer
+        self.capacity = engine.engine.config.max_num_seqs + options.max_queue
+        self.in_flight = 0
+        self.draining = False
+        self._ids = itertools.count()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def model_name(self) -> str:
+        return self.options.served_model_name
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.engine.is_alive
+
+    # -- checks every request goes through ------------------------------------------------------
+
+    def authenticate(self, presented: str | None) -> None:
+        """Compare in constant time; the key itself never appears in an error or a log."""
+        expected = self.options.api_key
+        if expected is None:
+            return
+        if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise Unauthenticated("a valid API key is required (Authorization: Bearer <key>)")
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+            )
+
+    @contextlib.contextmanager
+    def admit(self, count: int = 1) -> Iterator[None]:
+        """Hold `count` slots while a request runs; refuse it when the queue is full or draining."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.in_flight + count > self.capacity:
+            raise Overloaded(
+                f"the server is at capacity ({self.capacity} requests in flight or queued); "
+                f"retry after {Overloaded.retry_after_s}s"
+            )
+        self.in_flight += count
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= count
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False when `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{time.time_ns():x}-{next(self._ids)}"
+
+    # -- turning input into token ids -----------------------------------------------------------
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if not tokenizer.has_chat_template:
+            raise InvalidRequest(
+                f"the model {self.model_name!r} has no chat template; use completions",
+                param="messages",
+            )
+        try:
+            text = tokenizer.apply_chat_template(list(messages))
+        except ValueError as error:
+            raise InvalidRequest(f"messages: {error}", param="messages") from error
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        return self.engine.tokenizer.encode(prompt)
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def remaining_context(self, prompt_token_ids: Sequence[int]) -> int:
+        """The max_tokens a request gets when the client sets none: the rest of the context."""
+        return max(self.engine.max_model_len - len(prompt_token_ids), 1)
+
+    # -- running one generation -----------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: list[SamplingParams],
+        request_id: str,
+        *,
+        operation: str,
+        carrier: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Stream (choice index, output) for one request of len(params) choices.
+
+        One span covers the request; metrics count each choice. The caller holds an `admit()`
+        slot per choice. Leaving the loop early, or the deadline passing, aborts every
+        unfinished choice (the engine frees its KV blocks at once).
+        """
+        timeout = _min_timeout(timeout, self.options.request_timeout)
+        deadline = None if timeout is None else _now() + timeout
+        span = self.tracer.start_span(
+            operation, self.model_name, params[0], carrier, stream=stream, choice_count=len(params)
+        )
+        finals: list[RequestOutput | None] = [None] * len(params)
+        latest: list[RequestOutput | None] = [None] * len(params)
+        error: BaseException | None = None
+        streams = [
+            self.engine.generate(
+                sampling_params=choice_params,
+                prompt_token_ids=prompt_token_ids,
+                request_id=request_id if len(params) == 1 else f"{request_id}-{index}",
+            )
+            for index, choice_params in enumerate(params)
+        ]
+        merged = _merge(streams)
+        try:
+            while None in finals:
+                remaining = None if deadline is None else deadline - _now()
+                try:
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError
+                    index, output = await asyncio.wait_for(anext(merged), remaining)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the request did not finish within {timeout:g}s"
+                    ) from None
+                except ValueError as invalid:
+                    raise InvalidRequest(str(invalid)) from invalid
+                latest[index] = output
+                if output.finished:
+                    finals[index] = output
+                    self.metrics.record_finished(output)
+                yield index, output
+        except BaseException as failure:
+            # Closing the stream after its final output is not a failure.
+            if None in finals:
+                error = failure
+            raise
+        finally:
+            await merged.aclose()
+            self._record_unfinished(finals, latest, error)
+            done = [f for f in finals if f is not None]
+            self.tracer.finish_span(span, done, error, response_id=request_id)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for what the engine would refuse, before a stream starts."""
+        try:
+            self.engine.engine.make_request(None, params, prompt_token_ids)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from error
+
+    def record_error(self, error: ServingError) -> None:
+        """Count a refused request; the servers call it for every ServingError they send."""
+        self.metrics.record_rejected(error.outcome)
+
+    def _record_unfinished(
+        self,
+        finals: list[RequestOutput | None],
+        latest: list[RequestOutput | None],
+        error: BaseException | None,
+    ) -> None:
+        # ServingErrors are counted by the server that sends them (record_error).
+        if error is None or isinstance(error, ServingError):
+            return
+        # The client went away (or stopped reading) before the request finished.
+        cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
+        outcome = "aborted" if cancelled else "error"
+        for final, last in zip(finals, latest, strict=True):
+            if final is not None:
+                continue
+            if last is not None:
+                self.metrics.record_finished(last, outcome=outcome)
+            else:
+                self.metrics.record_rejected(outcome)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _min_timeout(*timeouts: float | None) -> float | None:
+    given = [t for t in timeouts if t is not None]
+    return min(given) if given else None
+
+
+async def _merge(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave output streams as they produce; closing the merge closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for output in only:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    await queue.put((index, output))
+        except Exception as error:  # noqa: BLE001 - re-raised by the consumer below
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        unfinished = len(streams)
+        while unfinished:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield index, item
+            if item.finished:
+                unfinished -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
