@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 FIELD_MANAGER = "kvops-operator"
@@ -17,6 +18,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 
 _client_lock = threading.Lock()
 _client: Any = None
+# Reconciles of one object are serialized (kopf handlers and child events run in threads); a
+# fixed set of locks picked by uid keeps memory bounded. Callers must not nest them.
+_object_locks = [threading.Lock() for _ in range(64)]
 
 
 def now() -> str:
@@ -58,22 +62,35 @@ def condition(
 
 
 def _dynamic() -> Any:
-    global _client
     with _client_lock:
-        if _client is None:
-            from kubernetes import config, dynamic
-            from kubernetes.client import api_client
+        return _dynamic_unlocked()
 
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            _client = dynamic.DynamicClient(api_client.ApiClient())
-        return _client
+
+def _dynamic_unlocked() -> Any:
+    global _client
+    if _client is None:
+        from kubernetes import config, dynamic
+        from kubernetes.client import api_client
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        _client = dynamic.DynamicClient(api_client.ApiClient())
+    return _client
+
+
+_resources: dict[tuple[str, str], Any] = {}
 
 
 def _resource(api_version: str, kind: str) -> Any:
-    return _dynamic().resources.get(api_version=api_version, kind=kind)
+    # Discovery is slow and its cache is not thread-safe; kopf runs handlers in threads.
+    with _client_lock:
+        if (api_version, kind) not in _resources:
+            _resources[api_version, kind] = _dynamic_unlocked().resources.get(
+                api_version=api_version, kind=kind
+            )
+        return _resources[api_version, kind]
 
 
 def apply(obj: dict[str, Any]) -> dict[str, Any]:
@@ -136,3 +153,15 @@ def patch_status(obj: dict[str, Any], status: dict[str, Any]) -> None:
         _dynamic().request(
             "patch", path, body={"status": status}, content_type="application/merge-patch+json"
         )
+
+
+@contextlib.contextmanager
+def exclusive(obj: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
+    """Hold the object's reconcile lock and yield its current state (None once it is gone)."""
+    metadata = obj["metadata"]
+    with _object_locks[hash(metadata["uid"]) % len(_object_locks)]:
+        current = get(obj["apiVersion"], obj["kind"], metadata["name"], metadata["namespace"])
+        if current is None or current["metadata"]["uid"] != metadata["uid"]:
+            yield None
+        else:
+            yield current

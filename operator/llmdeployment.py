@@ -461,27 +461,29 @@ def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, 
     return resolved
 
 
-def reconcile(body: dict[str, Any], logger: Any = None) -> None:
+def reconcile(body: dict[str, Any]) -> None:
     """Bring the children and the status in line with the spec; safe to repeat at any time."""
-    if body["metadata"].get("deletionTimestamp"):
-        return
-    with measured("LLMDeployment"):
-        try:
-            spec = LLMDeploymentSpec.model_validate(body["spec"])
-        except ValueError as error:
-            raise kopf.PermanentError(f"invalid spec: {error}") from error
-        namespace = body["metadata"]["namespace"]
-        children, stale = render(body, spec, resolve_prompts(namespace, spec))
-        applied = {child["kind"]: kube.apply(child) for child in children}
-        for api_version, kind, name in stale:
-            kube.delete(api_version, kind, name, namespace)
-        status = render_status(body, spec, applied["Deployment"])
-        old_phase = (body.get("status") or {}).get("phase")
-        if old_phase != status["phase"]:
-            kopf.info(
-                body, reason=status["phase"], message=f"phase {old_phase} -> {status['phase']}"
-            )
-        kube.patch_status(body, status)
+    with kube.exclusive(body) as current:
+        if current is None or current["metadata"].get("deletionTimestamp"):
+            return
+        body = current
+        with measured("LLMDeployment"):
+            try:
+                spec = LLMDeploymentSpec.model_validate(body["spec"])
+            except ValueError as error:
+                raise kopf.PermanentError(f"invalid spec: {error}") from error
+            namespace = body["metadata"]["namespace"]
+            children, stale = render(body, spec, resolve_prompts(namespace, spec))
+            applied = {child["kind"]: kube.apply(child) for child in children}
+            for api_version, kind, name in stale:
+                kube.delete(api_version, kind, name, namespace)
+            status = render_status(body, spec, applied["Deployment"])
+            old_phase = (body.get("status") or {}).get("phase")
+            if old_phase != status["phase"]:
+                kopf.info(
+                    body, reason=status["phase"], message=f"phase {old_phase} -> {status['phase']}"
+                )
+            kube.patch_status(body, status)
 
 
 def as_dict(body: Any) -> dict[str, Any]:
@@ -504,11 +506,9 @@ def on_timer(body: kopf.Body, **_: Any) -> None:
 def reconcile_owner(child: dict[str, Any]) -> None:
     for ref in child["metadata"].get("ownerReferences", []):
         if ref.get("apiVersion") == API_VERSION and ref.get("kind") == "LLMDeployment":
-            owner = kube.get(
-                API_VERSION, "LLMDeployment", ref["name"], child["metadata"]["namespace"]
-            )
-            if owner is not None and owner["metadata"]["uid"] == ref["uid"]:
-                reconcile(owner)
+            namespace = child["metadata"]["namespace"]
+            metadata = {"name": ref["name"], "namespace": namespace, "uid": ref["uid"]}
+            reconcile({"apiVersion": API_VERSION, "kind": "LLMDeployment", "metadata": metadata})
 
 
 # A child changed (pods became ready) or vanished (someone deleted it): reconcile its owner.

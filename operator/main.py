@@ -26,24 +26,20 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # through kopf's peering objects, when their CRDs are installed).
     settings.peering.name = PEERING_NAME
     settings.peering.mandatory = False
+    # kopf's own warnings and errors become Events; our transitions are posted explicitly.
     settings.posting.enabled = True
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30]
     settings.execution.max_workers = 8
 
 
-@kopf.on.probe(id="handlers")
-def handlers_registered(**_: Any) -> int:
-    """Reported by the liveness endpoint: answering at all means the event loop is alive."""
-    return 3
-
-
 def run(namespaces: list[str], liveness: str | None, metrics_port: int | None) -> None:
-    from prometheus_client import start_http_server
+    import prometheus_client
 
+    prometheus_client.disable_created_metrics()
     if metrics_port:
-        start_http_server(metrics_port)
+        prometheus_client.start_http_server(metrics_port)
     kopf.configure(verbose=False)
     kopf.run(
         clusterwide=not namespaces,

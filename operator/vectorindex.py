@@ -303,33 +303,37 @@ def build_result(pods: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def reconcile(body: dict[str, Any]) -> None:
-    if body["metadata"].get("deletionTimestamp"):
-        return
-    with measured("VectorIndex"):
-        try:
-            spec = VectorIndexSpec.model_validate(body["spec"])
-        except ValueError as error:
-            raise kopf.PermanentError(f"invalid spec: {error}") from error
-        name = body["metadata"]["name"]
-        namespace = body["metadata"]["namespace"]
-        applied = [kube.apply(child) for child in render(body, spec)]
-        job = next(obj for obj in applied if obj["kind"] == "Job")
-        # Builds of an earlier spec are superseded.
-        for old in kube.list_objects("batch/v1", "Job", namespace, f"kvops.io/vectorindex={name}"):
-            if old["metadata"]["name"] != job["metadata"]["name"]:
-                kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
-        pods = kube.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
-        status = render_status(body, spec, job, build_result(pods))
-        old_phase = (body.get("status") or {}).get("phase")
-        if old_phase != status["phase"]:
-            kind = "Warning" if status["phase"] == "Failed" else "Normal"
-            kopf.event(
-                body,
-                type=kind,
-                reason=status["conditions"][0]["reason"],
-                message=f"phase {old_phase} -> {status['phase']}",
-            )
-        kube.patch_status(body, status)
+    with kube.exclusive(body) as current:
+        if current is None or current["metadata"].get("deletionTimestamp"):
+            return
+        body = current
+        with measured("VectorIndex"):
+            try:
+                spec = VectorIndexSpec.model_validate(body["spec"])
+            except ValueError as error:
+                raise kopf.PermanentError(f"invalid spec: {error}") from error
+            name = body["metadata"]["name"]
+            namespace = body["metadata"]["namespace"]
+            applied = [kube.apply(child) for child in render(body, spec)]
+            job = next(obj for obj in applied if obj["kind"] == "Job")
+            # Builds of an earlier spec are superseded.
+            for old in kube.list_objects(
+                "batch/v1", "Job", namespace, f"kvops.io/vectorindex={name}"
+            ):
+                if old["metadata"]["name"] != job["metadata"]["name"]:
+                    kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
+            pods = kube.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
+            status = render_status(body, spec, job, build_result(pods))
+            old_phase = (body.get("status") or {}).get("phase")
+            if old_phase != status["phase"]:
+                kind = "Warning" if status["phase"] == "Failed" else "Normal"
+                kopf.event(
+                    body,
+                    type=kind,
+                    reason=status["conditions"][0]["reason"],
+                    message=f"phase {old_phase} -> {status['phase']}",
+                )
+            kube.patch_status(body, status)
 
 
 def as_dict(body: Any) -> dict[str, Any]:
@@ -351,11 +355,9 @@ def on_timer(body: kopf.Body, **_: Any) -> None:
 def reconcile_owner(child: dict[str, Any]) -> None:
     for ref in child["metadata"].get("ownerReferences", []):
         if ref.get("apiVersion") == API_VERSION and ref.get("kind") == "VectorIndex":
-            owner = kube.get(
-                API_VERSION, "VectorIndex", ref["name"], child["metadata"]["namespace"]
-            )
-            if owner is not None and owner["metadata"]["uid"] == ref["uid"]:
-                reconcile(owner)
+            namespace = child["metadata"]["namespace"]
+            metadata = {"name": ref["name"], "namespace": namespace, "uid": ref["uid"]}
+            reconcile({"apiVersion": API_VERSION, "kind": "VectorIndex", "metadata": metadata})
 
 
 for _group_version, _plural in [("batch/v1", "jobs"), ("apps/v1", "deployments")]:
