@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
 SOURCES := pyproject.toml $(shell find worker proto operator -name '*.py' 2>/dev/null)
 
-.PHONY: setup run lint test bench proto crds
+.PHONY: setup run lint test bench proto tools cluster-up cluster-down crds
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,20 @@ run: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest
+
+# Pinned etcd, Kubernetes control plane, kubectl, helm and kwok in .tools/bin (cached by version in
+# ~/.cache/kvops/tools: only the first run on a machine compiles: 15-35 minutes).
+tools:
+	$(PYTHON) e2e/tools/build_tools.py
+
+# A local control plane with fake GPU nodes for trying things by hand (state in .cluster/).
+cluster-up: setup tools
+	$(BIN)/python tests/controlplane.py up
+
+cluster-down: setup
+	$(BIN)/python tests/controlplane.py down
 
 # Regenerate the gRPC stubs committed beside proto/kvops/v1/engine.proto (tests/test_proto.py checks them).
 proto: setup

@@ -480,9 +480,9 @@ def reconcile(body: dict[str, Any]) -> None:
             status = render_status(body, spec, applied["Deployment"])
             old_phase = (body.get("status") or {}).get("phase")
             if old_phase != status["phase"]:
-                kopf.info(
-                    body, reason=status["phase"], message=f"phase {old_phase} -> {status['phase']}"
-                )
+                kind = "Warning" if status["phase"] == "Degraded" else "Normal"
+                message = f"phase {old_phase} -> {status['phase']}"
+                kopf.event(body, type=kind, reason=status["phase"], message=message)
             kube.patch_status(body, status)
 
 

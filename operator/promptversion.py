@@ -118,8 +118,9 @@ def claim_labels(body: dict[str, Any], versions: list[dict[str, Any]]) -> None:
                 other["metadata"]["namespace"],
                 {"spec": {"labels": kept}},
             )
-            kopf.info(
+            kopf.event(
                 body,
+                type="Normal",
                 reason="LabelMoved",
                 message=f"{sorted(mine & set(labels))} moved from {other['metadata']['name']}",
             )

@@ -271,6 +271,13 @@ def test_llmdeployment_yields_gpu_workers_service_and_prompts(kube):
     assert entry["promptVersion"] == "greeting-v1"
     assert entry["template"] == [{"role": "user", "content": "Say hello to {{ question }}"}]
     assert len(pods_running(kube, "chat")) == 2
+    events = kube(
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=LLMDeployment,involvedObject.name=chat",
+    )
+    assert "phase Progressing -> Available" in events
     for pod in pods_running(kube, "chat"):
         assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
@@ -403,6 +410,8 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(kube):
         timeout=WAIT_S,
     )
     kube.operator.kill()
+    unfinished = [n for n in names if kube.status("llmd", n).get("phase") != "Available"]
+    assert unfinished, "every resource was done before the kill: nothing was interrupted"
     kube.operator.start()
     for name in names:
         kube.wait_available(name, 2)
