@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -94,3 +95,45 @@ class ServeProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
         self.log.close()
+
+
+def metrics(server) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
+    text = httpx.get(f"{server.base_url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_sum(samples: dict, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and labels.items() <= dict(sample_labels).items()
+    )
+
+
+def wait_until_idle(server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = metrics(server)
+        idle = (
+            metric_sum(samples, "kvops_num_requests_running") == 0
+            and metric_sum(samples, "kvops_kv_cache_usage_ratio") == 0
+        )
+        if idle or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
+def engine_answer(engine, messages, max_tokens: int, ignore_eos: bool = False) -> str:
+    """What the engine itself answers, greedily, for these chat messages."""
+    from kvops.worker.request import SamplingParams
+
+    tokenizer = engine.tokenizer
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
+    [output] = engine.generate(prompt_token_ids=[ids], sampling_params=params)
+    return output.text

@@ -9,9 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from serve_process import engine_answer, metric_sum, wait_until_idle
 
-from kvops.worker.request import SamplingParams
 from kvops.worker.serve.telemetry import METRIC_NAMES
 
 pytestmark = pytest.mark.slow
@@ -19,50 +18,9 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
-def engine_answer(engine, messages, max_tokens: int) -> str:
-    """What the engine itself answers, greedily, for these chat messages."""
-    tokenizer = engine.tokenizer
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
-    [output] = engine.generate(
-        prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0)
-    )
-    return output.text
-
-
 @pytest.fixture(scope="module")
 def client(default_server):
     return openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
-def metrics(server) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
-    text = httpx.get(f"{server.base_url}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def metric_sum(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and labels.items() <= dict(sample_labels).items()
-    )
-
-
-def wait_until_idle(server, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = metrics(server)
-        idle = (
-            metric_sum(samples, "kvops_num_requests_running") == 0
-            and metric_sum(samples, "kvops_kv_cache_usage_ratio") == 0
-        )
-        if idle or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.2)
 
 
 def test_models_lists_the_served_model(client, smollm2_engine):
