@@ -17,7 +17,7 @@ $(VENV)/.installed: $(SOURCES)
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/kvops generate "What is a paged KV cache? Answer in two sentences."
+	$(BIN)/kvops serve
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
