@@ -566,13 +566,40 @@ def crd(resource: Resource) -> dict[str, Any]:
     }
 
 
+def peering_crd(kind: str, scope: str) -> dict[str, Any]:
+    """kopf's peering resource: running operators record themselves in it and the ones of lower
+    priority pause, so that one replica of the operator works at a time."""
+    plural = f"{kind.lower()}s"
+    free_form = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    schema = {"type": "object", "properties": {"status": free_form}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.kopf.dev"},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
 def crd_documents() -> dict[str, str]:
     """File name -> YAML text of every CRD, as committed under crds/."""
     import yaml
 
     header = "# Generated from operator/api.py by `kvops crds --output-dir crds`; do not edit.\n"
+    crds = {f"{GROUP}_{resource.plural}.yaml": crd(resource) for resource in RESOURCES}
+    for kind, scope in [("KopfPeering", "Namespaced"), ("ClusterKopfPeering", "Cluster")]:
+        crds[f"kopf.dev_{kind.lower()}s.yaml"] = peering_crd(kind, scope)
     return {
-        f"{GROUP}_{resource.plural}.yaml": header
-        + yaml.safe_dump(crd(resource), sort_keys=False, width=100)
-        for resource in RESOURCES
+        name: header + yaml.safe_dump(obj, sort_keys=False, width=100) for name, obj in crds.items()
     }

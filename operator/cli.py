@@ -4,6 +4,7 @@ for kopf or the Kubernetes client."""
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def operator_command(args: argparse.Namespace) -> int:
     from kvops.operator.main import run
 
     namespaces = [] if args.all_namespaces else [args.namespace]
-    run(namespaces, args.liveness, args.metrics_port)
+    # kopf freezes every operator when two peers share a priority: replicas draw their own.
+    priority = args.priority if args.priority is not None else random.randint(1, 2**30)
+    run(namespaces, args.liveness, args.metrics_port, priority)
     return 0
 
 
@@ -44,4 +47,10 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
         "--liveness", default=None, help="serve liveness here, e.g. http://0.0.0.0:8080/healthz"
     )
     operator.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    operator.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority: the highest running operator works, the others wait (random)",
+    )
     operator.set_defaults(handler=operator_command)

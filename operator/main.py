@@ -22,8 +22,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kvops.io", key="last-handled-configuration"
     )
-    # Operators of the same peering pause while one of higher priority runs (leader election
-    # through kopf's peering objects, when their CRDs are installed).
+    # Leader election through kopf's peering: where a KopfPeering (or ClusterKopfPeering) named
+    # kvops-operator exists, an operator pauses while one of higher priority runs. Without one
+    # the operator runs alone.
     settings.peering.name = PEERING_NAME
     settings.peering.mandatory = False
     # kopf's own warnings and errors become Events; our transitions are posted explicitly.
@@ -34,7 +35,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
 
 
-def run(namespaces: list[str], liveness: str | None, metrics_port: int | None) -> None:
+def run(
+    namespaces: list[str], liveness: str | None, metrics_port: int | None, priority: int
+) -> None:
     import prometheus_client
 
     prometheus_client.disable_created_metrics()
@@ -46,4 +49,5 @@ def run(namespaces: list[str], liveness: str | None, metrics_port: int | None) -
         namespaces=namespaces,
         liveness_endpoint=liveness,
         peering_name=PEERING_NAME,
+        priority=priority,
     )

@@ -169,7 +169,13 @@ def test_crds_command_prints_every_crd():
         timeout=60,
     ).stdout
     kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out)]
-    assert kinds == ["LLMDeployment", "PromptVersion", "VectorIndex"]
+    assert kinds == [
+        "LLMDeployment",
+        "PromptVersion",
+        "VectorIndex",
+        "KopfPeering",
+        "ClusterKopfPeering",
+    ]
 
 
 def test_operator_never_imports_torch():

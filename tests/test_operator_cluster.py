@@ -24,7 +24,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 90.0
-CRD_NAMES = ["llmdeployments.kvops.io", "promptversions.kvops.io", "vectorindexes.kvops.io"]
+CRD_NAMES = [
+    "llmdeployments.kvops.io",
+    "promptversions.kvops.io",
+    "vectorindexes.kvops.io",
+    "kopfpeerings.kopf.dev",
+    "clusterkopfpeerings.kopf.dev",
+]
 
 
 def free_port() -> int:
@@ -36,10 +42,11 @@ def free_port() -> int:
 class Operator:
     """`kvops operator` for one namespace, as a process that tests may kill."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path):
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, priority: int | None = None):
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
+        self.priority = priority
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -58,6 +65,8 @@ class Operator:
             "--metrics-port",
             str(self.metrics_port),
         ]
+        if self.priority is not None:
+            command += ["--priority", str(self.priority)]
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
@@ -77,6 +86,15 @@ class Operator:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def reconciles(self) -> float:
+        """LLMDeployment reconciles so far, from the operator's own /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        series = 'kvops_operator_reconciles_total{kind="LLMDeployment",result="success"} '
+        lines = [line for line in text.splitlines() if line.startswith(series)]
+        return float(lines[0].split()[-1]) if lines else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +462,40 @@ def _answers(call: Callable[[], str]) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_peering_lets_one_operator_work_at_a_time(kube_cluster, tmp_path):
+    namespace = f"kvops-peer-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", namespace)
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering"}
+    peering["metadata"] = {"name": "kvops-operator", "namespace": namespace}
+    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(peering))
+    low = Operator(kube_cluster.kubeconfig, namespace, tmp_path / "low.log", priority=10)
+    high = Operator(kube_cluster.kubeconfig, namespace, tmp_path / "high.log", priority=20)
+    low.start()
+    try:
+        kube = Kube(kube_cluster, namespace, low)
+        kube.apply(llmd("first"))
+        kube.wait_available("first", 1)
+
+        high.start()
+        kube.wait(
+            "the low-priority operator to pause", lambda: "Pausing operations" in low.log_tail()
+        )
+        paused_at = low.reconciles()
+        kube.operator = high
+        kube.apply(llmd("second"))
+        kube.wait_available("second", 1)
+        assert high.reconciles() > 0
+        assert low.reconciles() == paused_at
+
+        high.stop()  # a clean exit withdraws from the peering at once
+        kube.operator = low
+        kube.wait("the low-priority operator to resume", lambda: "Resuming" in low.log_tail())
+        kube.apply(llmd("third"))
+        kube.wait_available("third", 1)
+        assert low.reconciles() > paused_at
+    finally:
+        high.stop()
+        low.stop()
+        kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
