@@ -156,8 +156,9 @@ def main() -> int:
     with ServeProcess("--max-num-seqs", max_seqs) as server:
         for concurrency in args.concurrency:
             count = max(args.min_requests, args.requests_per_slot * concurrency)
-            requests = workload(count, VOCAB)
-            for protocol in args.protocols:
+            for index, protocol in enumerate(args.protocols):
+                # Fresh prompts per run: repeats would be served from the prefix cache.
+                requests = workload(count, VOCAB, seed=1000 * index + concurrency)
                 row = asyncio.run(run(protocol, server, requests, concurrency))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
