@@ -75,19 +75,17 @@ def create_app(state: ServingState) -> Starlette:
         max_tokens = body.requested_max_tokens() or state.remaining_context(prompt_ids)
         params = [body.sampling_params(max_tokens, body.logprobs_count(), i) for i in range(body.n)]
         call = _Call(state, request, "chat", "chatcmpl", prompt_ids, params, body.stream)
-        if body.stream:
-            return call.stream(_chat_chunks(state, call, body.include_usage))
-        finals = await call.collect()
-        choices = [
-            {
-                "index": i,
+
+        def choice(index: int, output: RequestOutput) -> dict:
+            return {
+                "index": index,
                 "message": {"role": "assistant", "content": output.text},
                 "logprobs": protocol.chat_logprobs(output.logprobs, state.token_text),
                 "finish_reason": output.finish_reason,
             }
-            for i, output in enumerate(finals)
-        ]
-        return JSONResponse(call.response("chat.completion", choices, finals))
+
+        chunks = _chat_chunks(state, call, body.include_usage)
+        return await call.respond("chat.completion", choice, chunks)
 
     async def completions(request: Request) -> Response:
         _authenticate(state, request)
@@ -99,19 +97,17 @@ def create_app(state: ServingState) -> Starlette:
             prompt_ids = list(body.prompt)
         params = [body.sampling_params(body.max_tokens, body.logprobs, i) for i in range(body.n)]
         call = _Call(state, request, "text_completion", "cmpl", prompt_ids, params, body.stream)
-        if body.stream:
-            return call.stream(_completion_chunks(state, call, body.include_usage))
-        finals = await call.collect()
-        choices = [
-            {
-                "index": i,
+
+        def choice(index: int, output: RequestOutput) -> dict:
+            return {
+                "index": index,
                 "text": output.text,
                 "logprobs": protocol.completion_logprobs(output.logprobs, state.token_text, 0),
                 "finish_reason": output.finish_reason,
             }
-            for i, output in enumerate(finals)
-        ]
-        return JSONResponse(call.response("text_completion", choices, finals))
+
+        chunks = _completion_chunks(state, call, body.include_usage)
+        return await call.respond("text_completion", choice, chunks)
 
     async def serving_error(request: Request, error: ServingError) -> Response:
         state.record_error(error)
@@ -196,12 +192,23 @@ class _Call:
         admission.enter_context(self.state.admit(len(self.params)))
         return _EventStream(_server_sent_events(self.state, events), on_close=admission.close)
 
-    def response(self, obj: str, choices: list[dict], finals: list[RequestOutput]) -> dict:
-        return {
+    async def respond(
+        self,
+        obj: str,
+        choice: Callable[[int, RequestOutput], dict],
+        chunks: AsyncIterator[dict],
+    ) -> Response:
+        """The event stream of `chunks`, or once all choices finished, one `obj` response."""
+        if self.streaming:
+            return self.stream(chunks)
+        await chunks.aclose()  # never started: the non-streaming path has no use for it
+        finals = await self.collect()
+        body = {
             **protocol.envelope(self.request_id, obj, self.state.model_name, self.created),
-            "choices": choices,
+            "choices": [choice(i, output) for i, output in enumerate(finals)],
             "usage": protocol.usage(len(self.prompt_ids), finals),
         }
+        return JSONResponse(body)
 
     def chunk(self, obj: str, choices: list[dict]) -> dict:
         return {
