@@ -12,6 +12,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
+import prometheus_client
 import uvicorn
 
 from kvops.worker.engine import AsyncLLMEngine
@@ -49,6 +50,8 @@ class _HttpServer(uvicorn.Server):
 
 async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerOptions) -> int:
     server.validate()
+    # A *_created series per counter and histogram only doubles what a scrape stores.
+    prometheus_client.disable_created_metrics()
     tracer_provider = configure_tracing()
     state = ServingState(
         engine,
