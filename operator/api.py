@@ -264,8 +264,11 @@ class PromptVersionSpec(Spec):
 
 class EvaluationResult(Spec):
     time: str = Field(json_schema_extra={"format": "date-time"})
+    target: str
+    content_hash: str = Field(description="The content the evaluation ran on")
     passed: int = Field(ge=0)
     failed: int = Field(ge=0)
+    failures: list[str] = Field(default_factory=list, description="The first failed cases")
 
 
 class PromptVersionStatus(StatusBase):

@@ -30,7 +30,7 @@ def operator_command(args: argparse.Namespace) -> int:
     namespaces = [] if args.all_namespaces else [args.namespace]
     # kopf freezes every operator when two peers share a priority: replicas draw their own.
     priority = args.priority if args.priority is not None else random.randint(1, 2**30)
-    run(namespaces, args.liveness, args.metrics_port, priority)
+    run(namespaces, args.liveness, args.metrics_port, priority, args.endpoint_template)
     return 0
 
 
@@ -52,5 +52,10 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="peering priority: the highest running operator works, the others wait (random)",
+    )
+    operator.add_argument(
+        "--endpoint-template",
+        default="http://{name}.{namespace}.svc:8000",
+        help="how the operator reaches an LLMDeployment's HTTP API (for prompt evaluations)",
     )
     operator.set_defaults(handler=operator_command)

@@ -36,7 +36,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def run(
-    namespaces: list[str], liveness: str | None, metrics_port: int | None, priority: int
+    namespaces: list[str],
+    liveness: str | None,
+    metrics_port: int | None,
+    priority: int,
+    endpoint_template: str,
 ) -> None:
     import prometheus_client
 
@@ -50,4 +54,5 @@ def run(
         liveness_endpoint=liveness,
         peering_name=PEERING_NAME,
         priority=priority,
+        memo=kopf.Memo(endpoint_template=endpoint_template),
     )

@@ -41,6 +41,18 @@ def template_error(spec: PromptVersionSpec) -> str | None:
     return None
 
 
+def render_messages(spec: PromptVersionSpec, inputs: dict[str, str]) -> list[dict[str, str]]:
+    """The chat messages for `inputs` (defaults fill the gaps); ValueError names what is missing."""
+    values = {v.name: v.default for v in spec.variables if v.default is not None} | inputs
+    missing = [v.name for v in spec.variables if v.required and v.name not in values]
+    if missing:
+        raise ValueError(f"missing required variables: {', '.join(missing)}")
+    return [
+        {"role": m.role, "content": _ENVIRONMENT.from_string(m.content).render(values)}
+        for m in spec.template
+    ]
+
+
 def content_hash(spec: PromptVersionSpec) -> str:
     """sha256 over what changes the model's input: template, variables and model parameters."""
     content = spec.model_dump(
@@ -135,7 +147,48 @@ def refresh_deployments(namespace: str, prompt: str) -> None:
             llmdeployment.reconcile(deployment)
 
 
-def reconcile(body: dict[str, Any], claim: bool) -> None:
+def evaluate_if_due(body: dict[str, Any], spec: PromptVersionSpec, endpoint_template: str) -> None:
+    """Run the evaluation once per content and target; retried while the target is not up."""
+    from kvops.operator import evaluation  # it imports this module
+
+    if spec.evaluation is None:
+        return
+    target = spec.evaluation.llm_deployment
+    digest = content_hash(spec)
+    last = (body.get("status") or {}).get("lastEvaluation") or {}
+    if last.get("contentHash") == digest and last.get("target") == target:
+        return
+    namespace = body["metadata"]["namespace"]
+    deployment = kube.get(API_VERSION, "LLMDeployment", target, namespace)
+    if deployment is None or (deployment.get("status") or {}).get("phase") != "Available":
+        raise kopf.TemporaryError(f"evaluation waits for LLMDeployment {target}", delay=30)
+    model = deployment["spec"]["model"].get("servedName") or target
+    base_url = endpoint_template.format(name=target, namespace=namespace)
+    try:
+        result = evaluation.evaluate(spec, base_url, model)
+    except OSError as error:
+        message = f"evaluation against {target}: {evaluation.endpoint_error(error)}"
+        raise kopf.TemporaryError(message, delay=30) from error
+    kube.patch_status(
+        body,
+        {
+            "lastEvaluation": {
+                "time": kube.now(),
+                "target": target,
+                "contentHash": digest,
+                **result,
+            }
+        },
+    )
+    kopf.event(
+        body,
+        type="Warning" if result["failed"] else "Normal",
+        reason="Evaluated",
+        message=f"{result['passed']} passed, {result['failed']} failed against {target}",
+    )
+
+
+def reconcile(body: dict[str, Any], claim: bool, endpoint_template: str) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return
     with measured("PromptVersion"):
@@ -164,6 +217,8 @@ def reconcile(body: dict[str, Any], claim: bool) -> None:
         current = next(v for v in versions if v["metadata"]["uid"] == body["metadata"]["uid"])
         deployments = kube.list_objects(API_VERSION, "LLMDeployment", namespace)
         kube.patch_status(body, {"usedBy": users_of(current, versions, deployments)})
+        if status["valid"]:
+            evaluate_if_due(body, spec, endpoint_template)
 
 
 def as_dict(body: Any) -> dict[str, Any]:
@@ -172,13 +227,13 @@ def as_dict(body: Any) -> dict[str, Any]:
 
 @kopf.on.create(API_VERSION, "promptversions")
 @kopf.on.update(API_VERSION, "promptversions", field="spec")
-def on_change(body: kopf.Body, **_: Any) -> None:
-    reconcile(as_dict(body), claim=True)
+def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconcile(as_dict(body), claim=True, endpoint_template=memo.endpoint_template)
 
 
 @kopf.on.resume(API_VERSION, "promptversions")
-def on_resume(body: kopf.Body, **_: Any) -> None:
-    reconcile(as_dict(body), claim=False)
+def on_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconcile(as_dict(body), claim=False, endpoint_template=memo.endpoint_template)
 
 
 @kopf.on.event(API_VERSION, "promptversions")

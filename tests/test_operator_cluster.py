@@ -42,11 +42,19 @@ def free_port() -> int:
 class Operator:
     """`kvops operator` for one namespace, as a process that tests may kill."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, priority: int | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log: Path,
+        priority: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
         self.priority = priority
+        self.extra_args = extra_args
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -67,6 +75,7 @@ class Operator:
         ]
         if self.priority is not None:
             command += ["--priority", str(self.priority)]
+        command += self.extra_args
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
@@ -499,3 +508,46 @@ def test_peering_lets_one_operator_work_at_a_time(kube_cluster, tmp_path):
         high.stop()
         low.stop()
         kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def test_prompt_evaluation_against_a_real_engine(kube_cluster, tmp_path):
+    """The dataset runs through a real `kvops serve` (SmolLM2 on the CPU): the pods of the fake
+    nodes run nothing, so the operator is pointed at the local server instead of the Service."""
+    from serve_process import ServeProcess
+
+    namespace = f"kvops-eval-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", namespace)
+    with ServeProcess("--served-model-name", "evalbot") as server:
+        operator = Operator(
+            kube_cluster.kubeconfig,
+            namespace,
+            tmp_path / "operator.log",
+            extra_args=("--endpoint-template", server.base_url),
+        )
+        operator.start()
+        try:
+            kube = Kube(kube_cluster, namespace, operator)
+            kube.apply(llmd("evalbot"))
+            version = pver("capitals-v1", "capitals", "{{ question }}")
+            version["spec"]["modelParameters"] = {"temperature": 0, "maxTokens": 12}
+            question = {"question": "What is the capital of France?"}
+            version["spec"]["evaluation"] = {
+                "llmDeployment": "evalbot",
+                "dataset": [
+                    {"inputs": question, "expect": [{"regex": "\\S"}]},
+                    {"inputs": question, "expect": [{"contains": "zzzz-never-said"}]},
+                ],
+            }
+            kube.apply(version)
+            result = kube.wait(
+                "the evaluation result",
+                lambda: kube.status("pver", "capitals-v1").get("lastEvaluation"),
+                timeout=180,
+            )
+            assert (result["passed"], result["failed"]) == (1, 1)
+            assert result["failures"] == ["dataset[1]: does not contain 'zzzz-never-said'"]
+            assert result["target"] == "evalbot"
+            assert result["contentHash"] == kube.status("pver", "capitals-v1")["contentHash"]
+        finally:
+            operator.stop()
+            kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false")

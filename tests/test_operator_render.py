@@ -379,3 +379,61 @@ def test_owner_reference_blocks_owner_deletion():
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def evaluated_spec(**parameters) -> PromptVersionSpec:
+    return PromptVersionSpec.model_validate(
+        {
+            "promptName": "support",
+            "version": "1",
+            "template": [
+                {"role": "system", "content": "You answer about {{ product }}."},
+                {"role": "user", "content": "{{ question }}"},
+            ],
+            "variables": [
+                {"name": "product", "required": False, "default": "kvops"},
+                {"name": "question"},
+            ],
+            "modelParameters": parameters,
+            "evaluation": {
+                "llmDeployment": "chat",
+                "dataset": [{"inputs": {"question": "Hi?"}, "expect": [{"contains": "Hello"}]}],
+            },
+        }
+    )
+
+
+def test_evaluation_requests_render_the_template_with_defaults_and_parameters():
+    from kvops.operator import evaluation
+
+    body = evaluation.chat_request(
+        evaluated_spec(temperature=0.0, maxTokens=8, stop=["\n"]), "chat", {"question": "Hi?"}
+    )
+    assert body == {
+        "model": "chat",
+        "messages": [
+            {"role": "system", "content": "You answer about kvops."},
+            {"role": "user", "content": "Hi?"},
+        ],
+        "temperature": 0.0,
+        "max_tokens": 8,
+        "stop": ["\n"],
+    }
+    with pytest.raises(ValueError, match="missing required variables: question"):
+        promptversion.render_messages(evaluated_spec(), {})
+
+
+def test_evaluation_assertions():
+    from kvops.operator import evaluation
+    from kvops.operator.api import Assertion
+
+    expect = [
+        Assertion(contains="Paris"),
+        Assertion(not_contains="London"),
+        Assertion(regex=r"^\w+ is"),
+    ]
+    assert evaluation.failed_assertions("Paris is the capital.", expect) == []
+    assert evaluation.failed_assertions("London, not Paris", expect) == [
+        "contains 'London'",
+        "does not match /^\\w+ is/",
+    ]
