@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -47,6 +48,7 @@ GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 STARTUP_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ControlPlaneError(RuntimeError):
@@ -62,8 +64,11 @@ class LocalControlPlane:
         bin_dir: Path = DEFAULT_BIN_DIR,
         gpu_nodes: int = 2,
         gpus_per_node: int = 8,
+        outlive_caller: bool = False,
     ) -> None:
         self.bin_dir = bin_dir
+        # Only `cluster-up` leaves the components running after its own process exits.
+        self.outlive_caller = outlive_caller
         self.gpu_nodes = gpu_nodes
         self.gpus_per_node = gpus_per_node
         # A state dir given by the caller outlives stop() only when cluster-up keeps it running.
@@ -221,6 +226,7 @@ class LocalControlPlane:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=None if self.outlive_caller else _die_with_parent,
         )
         log.close()
 
@@ -300,6 +306,12 @@ class LocalControlPlane:
 
 
 # -- processes ------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: the kernel kills it when the thread that started it
+    # dies, even by SIGKILL, so a killed test run leaves no cluster behind.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _terminate_group(pid: int, grace_s: float = 10.0) -> None:
@@ -507,7 +519,7 @@ def _cluster_up(state_dir: Path) -> None:
         raise SystemExit(f"a cluster is already up (state in {state_dir}); run `make cluster-down`")
     # Left over from a start that failed: etcd's old data would clash with the new certificates.
     shutil.rmtree(state_dir, ignore_errors=True)
-    plane = LocalControlPlane(state_dir=state_dir)
+    plane = LocalControlPlane(state_dir=state_dir, outlive_caller=True)
     started = time.monotonic()
     plane.start()
     pids_file.write_text(json.dumps(plane.pids()))
