@@ -24,6 +24,15 @@ def crds_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rbac_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kvops.operator.rbac import documents
+
+    sys.stdout.write(yaml.safe_dump_all(documents(args.namespace, args.all_namespaces)))
+    return 0
+
+
 def operator_command(args: argparse.Namespace) -> int:
     from kvops.operator.main import run
 
@@ -38,6 +47,15 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     crds = subparsers.add_parser("crds", help="print or write the CustomResourceDefinitions")
     crds.add_argument("--output-dir", default=None, help="write one file per CRD here")
     crds.set_defaults(handler=crds_command)
+
+    rbac = subparsers.add_parser(
+        "rbac", help="print the operator's ServiceAccount, Role and RoleBinding"
+    )
+    rbac.add_argument("--namespace", default="default", help="where the operator runs")
+    rbac.add_argument(
+        "--all-namespaces", action="store_true", help="a ClusterRole for a cluster-wide operator"
+    )
+    rbac.set_defaults(handler=rbac_command)
 
     operator = subparsers.add_parser("operator", help="run the Kubernetes operator")
     scope = operator.add_mutually_exclusive_group()

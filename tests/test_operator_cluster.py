@@ -117,11 +117,34 @@ def namespace(kube_cluster) -> str:
     return name
 
 
+def service_account_kubeconfig(cluster, namespace: str, folder: Path) -> Path:
+    """A kubeconfig that acts as the operator's ServiceAccount (`kvops rbac`), not as admin."""
+    rbac = subprocess.run(
+        [sys.executable, "-m", "kvops.worker.serve.cli", "rbac", "--namespace", namespace],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    cluster.kubectl("apply", "-f", "-", input=rbac)
+    token = cluster.kubectl(
+        "create", "token", "kvops-operator", "-n", namespace, "--duration", "2h"
+    ).strip()
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    config["users"] = [{"name": "operator", "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = "operator"
+    path = folder / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def operator(kube_cluster, namespace, tmp_path_factory):
-    process = Operator(
-        kube_cluster.kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "log"
-    )
+    """The operator under its own least-privilege Role: a missing permission fails the tests."""
+    folder = tmp_path_factory.mktemp("operator")
+    kubeconfig = service_account_kubeconfig(kube_cluster, namespace, folder)
+    process = Operator(kubeconfig, namespace, folder / "log")
     process.start()
     yield process
     process.stop()
