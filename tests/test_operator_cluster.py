@@ -482,6 +482,8 @@ def test_operator_serves_liveness_and_metrics(kube):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
             return response.read().decode()
 
+    kube.apply(llmd("metered"))
+    kube.wait_available("metered", 1)
     kube.wait("liveness", lambda: _answers(lambda: fetch(kube.operator.liveness_port, "/healthz")))
     metrics = fetch(kube.operator.metrics_port, "/metrics")
     assert 'kvops_operator_reconciles_total{kind="LLMDeployment",result="success"}' in metrics
@@ -494,6 +496,70 @@ def _answers(call: Callable[[], str]) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_vector_index_build_result_reaches_status(kube):
+    """The real job controller completes the build Job once its pod succeeds; the test plays the
+    kubelet (as kwok does) and leaves the build's figures in the termination message."""
+    index = yaml.safe_load((ROOT / "examples" / "vectorindex.yaml").read_text())
+    index["metadata"]["name"] = "docs"
+    # The control plane has no volume provisioner: a pre-bound volume lets the pods schedule.
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"docs-index-{kube.namespace}"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": "/tmp/kvops-docs-index"},
+            "claimRef": {"namespace": kube.namespace, "name": "docs-index"},
+        },
+    }
+    kube.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(volume))
+    kube.apply(index)
+    build = kube.wait(
+        "the build pod to run",
+        lambda: [
+            p
+            for p in kube.items("pods", "app.kubernetes.io/name=kvops-index-build")
+            if p["status"].get("phase") == "Running"
+        ],
+    )[0]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    figures = {"documents": 2, "chunks": 3, "dimension": 384}
+    terminated = {"exitCode": 0, "reason": "Completed", "message": json.dumps(figures)}
+    terminated.update(startedAt=now, finishedAt=now)
+    container = {"name": "build", "image": "x", "imageID": "", "ready": False, "restartCount": 0}
+    container["state"] = {"terminated": terminated}
+    status = {
+        "phase": "Succeeded",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+        "containerStatuses": [container],
+    }
+    kube(
+        "patch", "pod", build["metadata"]["name"], "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+    ready = kube.wait(
+        "the index Ready", lambda: (s := kube.status("vidx", "docs")).get("phase") == "Ready" and s
+    )
+    assert (ready["documents"], ready["chunks"], ready["dimension"]) == (2, 3, 384)
+    assert ready["lastBuildTime"] and ready["buildDurationSeconds"] >= 0
+    assert ready["conditions"][0]["reason"] == "BuildSucceeded"
+    first_job = build["metadata"]["labels"]["job-name"]
+
+    index["spec"]["chunking"] = {"size": 128, "overlap": 16}
+    kube.apply(index)
+    kube.wait(
+        "a new build replacing the old one",
+        lambda: (
+            [j["metadata"]["name"] for j in kube.items("jobs", "kvops.io/vectorindex=docs")]
+            not in ([], [first_job])
+        ),
+    )
+    kube.wait("the old build Job deleted", lambda: kube.get("job", first_job) is None)
+    assert kube.status("vidx", "docs")["phase"] in ("Pending", "Building")
+    kube.cluster.kubectl("delete", "pv", volume["metadata"]["name"], "--wait=false")
 
 
 def test_peering_lets_one_operator_work_at_a_time(kube_cluster, tmp_path):
