@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,11 @@ _object_locks = [threading.Lock() for _ in range(64)]
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plain(body: Any) -> dict[str, Any]:
+    """A deep, plain-dict copy of what kopf hands a handler (its Body is a read-only view)."""
+    return json.loads(json.dumps(dict(body)))
 
 
 def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:

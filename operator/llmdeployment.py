@@ -443,8 +443,6 @@ def render_status(
 
 # ---------------------------------------------------------------------------------------- handlers
 
-PROMPT_VERSION = (API_VERSION, "PromptVersion")
-
 
 def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, str], dict]:
     """For each (prompt, label) the deployment references, the valid version that holds it."""
@@ -452,7 +450,7 @@ def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, 
         return {}
     from kvops.operator.promptversion import holder_of_label
 
-    all_versions = kube.list_objects(*PROMPT_VERSION, namespace)
+    all_versions = kube.list_objects(API_VERSION, "PromptVersion", namespace)
     resolved = {}
     for ref in spec.prompts:
         version = holder_of_label(all_versions, ref.name, ref.label)
@@ -486,21 +484,17 @@ def reconcile(body: dict[str, Any]) -> None:
             kube.patch_status(body, status)
 
 
-def as_dict(body: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(body)))
-
-
 @kopf.on.resume(API_VERSION, "llmdeployments")
 @kopf.on.create(API_VERSION, "llmdeployments")
 @kopf.on.update(API_VERSION, "llmdeployments", field="spec")
 def on_change(body: kopf.Body, **_: Any) -> None:
-    reconcile(as_dict(body))
+    reconcile(kube.plain(body))
 
 
 @kopf.timer(API_VERSION, "llmdeployments", interval=60, initial_delay=60, idle=30)
 def on_timer(body: kopf.Body, **_: Any) -> None:
     """Level-based safety net: repairs drift that no watch event reported."""
-    reconcile(as_dict(body))
+    reconcile(kube.plain(body))
 
 
 def reconcile_owner(child: dict[str, Any]) -> None:
@@ -523,4 +517,4 @@ for _group_version, _plural in [
         _plural,
         labels={"kvops.io/llmdeployment": kopf.PRESENT},
         id=f"llmdeployment-child-{_plural}",
-    )(lambda body, **_: reconcile_owner(as_dict(body)))
+    )(lambda body, **_: reconcile_owner(kube.plain(body)))

@@ -221,19 +221,15 @@ def reconcile(body: dict[str, Any], claim: bool, endpoint_template: str) -> None
             evaluate_if_due(body, spec, endpoint_template)
 
 
-def as_dict(body: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(body)))
-
-
 @kopf.on.create(API_VERSION, "promptversions")
 @kopf.on.update(API_VERSION, "promptversions", field="spec")
 def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    reconcile(as_dict(body), claim=True, endpoint_template=memo.endpoint_template)
+    reconcile(kube.plain(body), claim=True, endpoint_template=memo.endpoint_template)
 
 
 @kopf.on.resume(API_VERSION, "promptversions")
 def on_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    reconcile(as_dict(body), claim=False, endpoint_template=memo.endpoint_template)
+    reconcile(kube.plain(body), claim=False, endpoint_template=memo.endpoint_template)
 
 
 @kopf.on.event(API_VERSION, "promptversions")

@@ -336,20 +336,16 @@ def reconcile(body: dict[str, Any]) -> None:
             kube.patch_status(body, status)
 
 
-def as_dict(body: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(body)))
-
-
 @kopf.on.resume(API_VERSION, "vectorindexes")
 @kopf.on.create(API_VERSION, "vectorindexes")
 @kopf.on.update(API_VERSION, "vectorindexes", field="spec")
 def on_change(body: kopf.Body, **_: Any) -> None:
-    reconcile(as_dict(body))
+    reconcile(kube.plain(body))
 
 
 @kopf.timer(API_VERSION, "vectorindexes", interval=60, initial_delay=60, idle=30)
 def on_timer(body: kopf.Body, **_: Any) -> None:
-    reconcile(as_dict(body))
+    reconcile(kube.plain(body))
 
 
 def reconcile_owner(child: dict[str, Any]) -> None:
@@ -366,4 +362,4 @@ for _group_version, _plural in [("batch/v1", "jobs"), ("apps/v1", "deployments")
         _plural,
         labels={"kvops.io/vectorindex": kopf.PRESENT},
         id=f"vectorindex-child-{_plural}",
-    )(lambda body, **_: reconcile_owner(as_dict(body)))
+    )(lambda body, **_: reconcile_owner(kube.plain(body)))
