@@ -178,9 +178,23 @@ def test_crds_command_prints_every_crd():
     ]
 
 
-def test_operator_never_imports_torch():
-    code = "import sys, kvops.operator.main; print('torch' in sys.modules)"
+def imported_after(statement: str, module: str) -> bool:
+    code = f"import sys\n{statement}\nprint({module!r} in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    assert json.loads(out.strip().lower()) is False
+    return json.loads(out.strip().lower())
+
+
+def test_operator_never_imports_torch():
+    assert imported_after("import kvops.operator.main", "torch") is False
+
+
+def test_the_worker_cli_does_not_pay_for_kopf():
+    # Building the whole parser (the operator's subcommands included) imports no kopf.
+    statement = (
+        "import contextlib, io\nfrom kvops.worker.serve.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])"
+    )
+    assert imported_after(statement, "kopf") is False
