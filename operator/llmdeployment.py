@@ -70,6 +70,8 @@ def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
         str(engine.max_num_seqs),
         "--max-num-batched-tokens",
         str(engine.max_num_batched_tokens),
+        "--kv-cache-memory-fraction",
+        str(engine.kv_cache_memory_fraction),
     ]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
@@ -81,10 +83,6 @@ def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
 def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": "/cache/huggingface"},
-        {
-            "name": "KVOPS_KV_CACHE_MEMORY_FRACTION",
-            "value": str(spec.engine.kv_cache_memory_fraction),
-        },
         {"name": "OTEL_SERVICE_NAME", "value": f"kvops-worker.{name}"},
         {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
         {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(spec.observability.sampling_ratio)},

@@ -62,6 +62,7 @@ def test_deployment_requests_gpus_and_runs_the_engine_with_the_spec():
         "8192",
     )
     assert flag("--max-num-batched-tokens") == "2048"
+    assert flag("--kv-cache-memory-fraction") == "0.9"
     assert flag("--device") == "cuda"
     assert "--no-prefix-caching" in args
     assert deployment["spec"]["replicas"] == 2
@@ -437,3 +438,25 @@ def test_evaluation_assertions():
         "contains 'London'",
         "does not match /^\\w+ is/",
     ]
+
+
+def test_kvops_serve_accepts_the_rendered_arguments(monkeypatch):
+    """The contract with the worker: its own parser takes exactly what the operator renders."""
+    from kvops.worker.serve import cli
+
+    parsed = []
+    monkeypatch.setattr(cli, "serve_command", lambda args: parsed.append(args) or 0)
+    container = rendered()[0]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kvops"]
+    assert cli.main(container["args"]) == 0
+    [args] = parsed
+    assert (args.host, args.http_port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert (args.model, args.dtype, args.device) == (
+        "hf://meta-llama/Llama-3.1-8B-Instruct@main",
+        "bfloat16",
+        "cuda",
+    )
+    assert (args.block_size, args.max_num_seqs, args.max_model_len) == (32, 8, 8192)
+    assert args.no_prefix_caching is True
+    assert args.kv_cache_memory_fraction == 0.9
+    assert args.served_model_name == "chat"
