@@ -295,10 +295,11 @@ def render_disruption_budget(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Per-pod metrics the worker exports, served to the autoscaler by a custom-metrics adapter.
+# Per-pod gauges the worker exports (kvops.worker.serve.telemetry), served to the autoscaler by
+# a custom-metrics adapter such as prometheus-adapter.
 AUTOSCALING_METRICS = {
-    "queueDepth": "kvops_requests_waiting",
-    "kvCacheUsage": "kvops_kv_cache_usage",
+    "queueDepth": "kvops_num_requests_waiting",
+    "kvCacheUsage": "kvops_kv_cache_usage_ratio",
 }
 
 

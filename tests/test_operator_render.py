@@ -130,8 +130,14 @@ def test_autoscaler_scales_the_resource_itself():
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
     target = hpa["spec"]["metrics"][0]["pods"]
-    assert target["metric"]["name"] == "kvops_kv_cache_usage"
+    assert target["metric"]["name"] == "kvops_kv_cache_usage_ratio"
     assert target["target"]["averageValue"] == "800m"
+
+
+def test_autoscaling_metrics_are_what_the_worker_exports():
+    from kvops.worker.serve.telemetry import METRIC_NAMES
+
+    assert set(llmdeployment.AUTOSCALING_METRICS.values()) <= set(METRIC_NAMES)
 
 
 def test_optional_children_are_deleted_when_no_longer_wanted():
