@@ -45,6 +45,19 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:
+    """A reference-shaped stub of the child's owner of this kind (reconcile re-reads it)."""
+    for ref in child["metadata"].get("ownerReferences", []):
+        if ref.get("apiVersion") == api_version and ref.get("kind") == kind:
+            metadata = {
+                "name": ref["name"],
+                "namespace": child["metadata"]["namespace"],
+                "uid": ref["uid"],
+            }
+            return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
+    return None
+
+
 def condition(
     previous: list[dict[str, Any]],
     type_: str,

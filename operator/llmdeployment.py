@@ -497,11 +497,9 @@ def on_timer(body: kopf.Body, **_: Any) -> None:
 
 
 def reconcile_owner(child: dict[str, Any]) -> None:
-    for ref in child["metadata"].get("ownerReferences", []):
-        if ref.get("apiVersion") == API_VERSION and ref.get("kind") == "LLMDeployment":
-            namespace = child["metadata"]["namespace"]
-            metadata = {"name": ref["name"], "namespace": namespace, "uid": ref["uid"]}
-            reconcile({"apiVersion": API_VERSION, "kind": "LLMDeployment", "metadata": metadata})
+    owner = kube.owner_of(child, API_VERSION, "LLMDeployment")
+    if owner is not None:
+        reconcile(owner)
 
 
 # A child changed (pods became ready) or vanished (someone deleted it): reconcile its owner.

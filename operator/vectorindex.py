@@ -349,11 +349,9 @@ def on_timer(body: kopf.Body, **_: Any) -> None:
 
 
 def reconcile_owner(child: dict[str, Any]) -> None:
-    for ref in child["metadata"].get("ownerReferences", []):
-        if ref.get("apiVersion") == API_VERSION and ref.get("kind") == "VectorIndex":
-            namespace = child["metadata"]["namespace"]
-            metadata = {"name": ref["name"], "namespace": namespace, "uid": ref["uid"]}
-            reconcile({"apiVersion": API_VERSION, "kind": "VectorIndex", "metadata": metadata})
+    owner = kube.owner_of(child, API_VERSION, "VectorIndex")
+    if owner is not None:
+        reconcile(owner)
 
 
 for _group_version, _plural in [("batch/v1", "jobs"), ("apps/v1", "deployments")]:

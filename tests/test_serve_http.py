@@ -82,22 +82,17 @@ def test_completions_with_logprobs_stop_and_n(client, smollm2_engine):
         assert max(top.values()) == pytest.approx(logprob, abs=1e-4)
         assert token in top
 
-    sampled = client.completions.create(
-        model=smollm2_engine.model_name,
-        prompt="Once upon a time",
-        max_tokens=12,
-        temperature=1.0,
-        seed=7,
-        n=3,
-    )
-    again = client.completions.create(
-        model=smollm2_engine.model_name,
-        prompt="Once upon a time",
-        max_tokens=12,
-        temperature=1.0,
-        seed=7,
-        n=3,
-    )
+    def sample():
+        return client.completions.create(
+            model=smollm2_engine.model_name,
+            prompt="Once upon a time",
+            max_tokens=12,
+            temperature=1.0,
+            seed=7,
+            n=3,
+        )
+
+    sampled, again = sample(), sample()
     texts = [c.text for c in sorted(sampled.choices, key=lambda c: c.index)]
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
     assert len(set(texts)) > 1, "choices of one request must differ"
