@@ -242,6 +242,15 @@ def test_bad_input_gets_a_clear_error_and_the_server_goes_on(default_server, bod
     assert httpx.post(url, json=good, timeout=60).status_code == 200
 
 
+def test_unknown_paths_and_methods_get_openai_errors(default_server):
+    missing = httpx.post(f"{default_server.base_url}/v1/embeddings/nope", json={})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    wrong_method = httpx.get(f"{default_server.base_url}/v1/chat/completions")
+    assert wrong_method.status_code == 405
+    assert "error" in wrong_method.json()
+
+
 def test_metrics_are_exposed_with_plausible_values(default_server, client, smollm2_engine):
     client.chat.completions.create(
         model=smollm2_engine.model_name, messages=QUESTION, max_tokens=4, temperature=0

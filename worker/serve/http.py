@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -117,6 +118,11 @@ def create_app(state: ServingState) -> Starlette:
         body = protocol.error_body(error.message, error.error_type, error.param)
         return JSONResponse(body, error.http_status, headers=headers)
 
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        # Unknown paths and wrong methods, in OpenAI's error shape like every other error.
+        body = protocol.error_body(error.detail, "invalid_request_error", None)
+        return JSONResponse(body, error.status_code, headers=error.headers)
+
     async def unexpected_error(request: Request, error: Exception) -> Response:
         log.exception("request failed")
         body = protocol.error_body("internal server error", "server_error", None)
@@ -132,7 +138,11 @@ def create_app(state: ServingState) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        exception_handlers={ServingError: serving_error, Exception: unexpected_error},
+        exception_handlers={
+            ServingError: serving_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
     )
 
 
