@@ -305,6 +305,11 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """The kernels' cache stride arguments: block, slot in the block, kv head; K then V."""
+    return tuple(c.stride(d) for c in (k_cache, v_cache) for d in (1, 2, 0))
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -340,12 +345,7 @@ def write_kv_cache(
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        k_cache.stride(1),  # block
-        k_cache.stride(2),  # slot in the block
-        k_cache.stride(0),  # kv head
-        v_cache.stride(1),  # block
-        v_cache.stride(2),  # slot in the block
-        v_cache.stride(0),  # kv head
+        *_cache_strides(k_cache, v_cache),
         NUM_KV_HEADS=num_kv_heads,
         KV_HEADS_PAD=_pad(num_kv_heads),
         HEAD_DIM=head_dim,
@@ -388,12 +388,7 @@ def paged_decode_attention(
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
-        k_cache.stride(1),  # block
-        k_cache.stride(2),  # slot in the block
-        k_cache.stride(0),  # kv head
-        v_cache.stride(1),  # block
-        v_cache.stride(2),  # slot in the block
-        v_cache.stride(0),  # kv head
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -453,12 +448,7 @@ def paged_prefill_attention(
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
-        k_cache.stride(1),  # block
-        k_cache.stride(2),  # slot in the block
-        k_cache.stride(0),  # kv head
-        v_cache.stride(1),  # block
-        v_cache.stride(2),  # slot in the block
-        v_cache.stride(0),  # kv head
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -18,8 +18,6 @@ from kvops.worker.serve.service import (
     ServingState,
     Unauthenticated,
 )
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 # Probes and tooling need no key: the health and reflection services stay open.
@@ -40,18 +38,20 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             params = _sampling_params(request.sampling, state.remaining_context(prompt_ids))
             state.check_request(prompt_ids, params)
             request_id = request.request_id or state.new_request_id("gen")
+            outputs = state.generate(
+                prompt_ids,
+                [params],
+                request_id,
+                operation="generate",
+                carrier=context.invocation_metadata(),
+                stream=True,
+                timeout=context.time_remaining(),
+            )
+            # Closed at once when the client cancels, so that the engine aborts the request then.
             with state.admit():
-                outputs = state.generate(
-                    prompt_ids,
-                    [params],
-                    request_id,
-                    operation="generate",
-                    carrier=context.invocation_metadata(),
-                    stream=True,
-                    timeout=context.time_remaining(),
-                )
-                async for _, output in outputs:
-                    yield self._response(request_id, output)
+                async with contextlib.aclosing(outputs):
+                    async for _, output in outputs:
+                        yield self._response(request_id, output)
         except ServingError as error:
             await _abort(state, context, error)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -85,7 +86,7 @@ def create_app(state: ServingState) -> Starlette:
                 "finish_reason": output.finish_reason,
             }
 
-        chunks = _chat_chunks(state, call, body.include_usage)
+        chunks = functools.partial(_chat_chunks, call, body.include_usage)
         return await call.respond("chat.completion", choice, chunks)
 
     async def completions(request: Request) -> Response:
@@ -107,7 +108,7 @@ def create_app(state: ServingState) -> Starlette:
                 "finish_reason": output.finish_reason,
             }
 
-        chunks = _completion_chunks(state, call, body.include_usage)
+        chunks = functools.partial(_completion_chunks, call, body.include_usage)
         return await call.respond("text_completion", choice, chunks)
 
     async def serving_error(request: Request, error: ServingError) -> Response:
@@ -197,21 +198,19 @@ class _Call:
             await _unless_disconnected(self.request, run())
         return finals  # type: ignore[return-value]
 
-    def stream(self, events: AsyncIterator[dict]) -> Response:
-        admission = contextlib.ExitStack()
-        admission.enter_context(self.state.admit(len(self.params)))
-        return _EventStream(_server_sent_events(self.state, events), on_close=admission.close)
-
     async def respond(
         self,
         obj: str,
         choice: Callable[[int, RequestOutput], dict],
-        chunks: AsyncIterator[dict],
+        chunks: Callable[[], AsyncIterator[dict]],
     ) -> Response:
-        """The event stream of `chunks`, or once all choices finished, one `obj` response."""
+        """The event stream of `chunks()`, or once all choices finished, one `obj` response."""
         if self.streaming:
-            return self.stream(chunks)
-        await chunks.aclose()  # never started: the non-streaming path has no use for it
+            # The slots are held until the stream ends, however it ends (see _EventStream).
+            admission = contextlib.ExitStack()
+            admission.enter_context(self.state.admit(len(self.params)))
+            events = _server_sent_events(self.state, chunks())
+            return _EventStream(events, on_close=admission.close)
         finals = await self.collect()
         body = {
             **protocol.envelope(self.request_id, obj, self.state.model_name, self.created),
@@ -227,7 +226,7 @@ class _Call:
         }
 
 
-async def _chat_chunks(state: ServingState, call: _Call, include_usage: bool):
+async def _chat_chunks(call: _Call, include_usage: bool):
     obj = "chat.completion.chunk"
     for i in range(len(call.params)):
         opening = {"role": "assistant", "content": ""}
@@ -240,7 +239,7 @@ async def _chat_chunks(state: ServingState, call: _Call, include_usage: bool):
             choice = {
                 "index": index,
                 "delta": {"content": output.new_text} if output.new_text else {},
-                "logprobs": protocol.chat_logprobs(output.new_logprobs, state.token_text),
+                "logprobs": protocol.chat_logprobs(output.new_logprobs, call.state.token_text),
                 "finish_reason": output.finish_reason if output.finished else None,
             }
             yield call.chunk(obj, [choice])
@@ -250,7 +249,7 @@ async def _chat_chunks(state: ServingState, call: _Call, include_usage: bool):
         yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
 
 
-async def _completion_chunks(state: ServingState, call: _Call, include_usage: bool):
+async def _completion_chunks(call: _Call, include_usage: bool):
     obj = "text_completion"
     offsets = [0] * len(call.params)
     finals = []
@@ -259,7 +258,7 @@ async def _completion_chunks(state: ServingState, call: _Call, include_usage: bo
             if not (output.new_text or output.finished or output.new_logprobs):
                 continue
             logprobs = protocol.completion_logprobs(
-                output.new_logprobs, state.token_text, offsets[index]
+                output.new_logprobs, call.state.token_text, offsets[index]
             )
             offsets[index] += len(output.new_text)
             choice = {

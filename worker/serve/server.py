@@ -49,7 +49,8 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerOptions) -> int:
-    server.validate()
+    """Serve until SIGTERM or SIGINT; `server` is validated by the caller, before the slow model
+    load."""
     # A *_created series per counter and histogram only doubles what a scrape stores.
     prometheus_client.disable_created_metrics()
     tracer_provider = configure_tracing()
