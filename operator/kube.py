@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import kopf
+
 FIELD_MANAGER = "kvops-operator"
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 
@@ -43,6 +45,20 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def post_phase_change(
+    body: dict[str, Any], status: dict[str, Any], *, warning: bool, reason: str
+) -> None:
+    """A Kubernetes Event when the status about to be written moves the resource to a new phase."""
+    old_phase = (body.get("status") or {}).get("phase")
+    if old_phase != status["phase"]:
+        kopf.event(
+            body,
+            type="Warning" if warning else "Normal",
+            reason=reason,
+            message=f"phase {old_phase} -> {status['phase']}",
+        )
 
 
 def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:

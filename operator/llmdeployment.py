@@ -475,11 +475,9 @@ def reconcile(body: dict[str, Any]) -> None:
             for api_version, kind, name in stale:
                 kube.delete(api_version, kind, name, namespace)
             status = render_status(body, spec, applied["Deployment"])
-            old_phase = (body.get("status") or {}).get("phase")
-            if old_phase != status["phase"]:
-                kind = "Warning" if status["phase"] == "Degraded" else "Normal"
-                message = f"phase {old_phase} -> {status['phase']}"
-                kopf.event(body, type=kind, reason=status["phase"], message=message)
+            kube.post_phase_change(
+                body, status, warning=status["phase"] == "Degraded", reason=status["phase"]
+            )
             kube.patch_status(body, status)
 
 

@@ -324,15 +324,12 @@ def reconcile(body: dict[str, Any]) -> None:
                     kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
             pods = kube.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
             status = render_status(body, spec, job, build_result(pods))
-            old_phase = (body.get("status") or {}).get("phase")
-            if old_phase != status["phase"]:
-                kind = "Warning" if status["phase"] == "Failed" else "Normal"
-                kopf.event(
-                    body,
-                    type=kind,
-                    reason=status["conditions"][0]["reason"],
-                    message=f"phase {old_phase} -> {status['phase']}",
-                )
+            kube.post_phase_change(
+                body,
+                status,
+                warning=status["phase"] == "Failed",
+                reason=status["conditions"][0]["reason"],
+            )
             kube.patch_status(body, status)
 
 
