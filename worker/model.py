@@ -226,12 +226,7 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.model.embed_tokens.weight
-            if self.config.tie_word_embeddings
-            else self.lm_head.weight
-        )
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
 
 def build_model(
@@ -251,4 +246,11 @@ def build_model(
         raise ValueError(f"weights have unexpected tensors: {sorted(unexpected)[:5]}")
     if missing:
         raise ValueError(f"weights are missing tensors: {sorted(missing)[:5]}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if config.tie_word_embeddings:
+        # Tied checkpoints carry no lm_head.weight: the head is a view of the embedding matrix
+        # (tied after loading, because load_state_dict(assign=True) would untie it).
+        with torch.device("meta"):
+            model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model

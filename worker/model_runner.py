@@ -11,6 +11,7 @@ import torch
 from kvops.worker.config import EngineConfig, ModelConfig
 from kvops.worker.model import AttentionMetadata, build_model
 from kvops.worker.ops.attention import get_attention_backend
+from kvops.worker.ops.cpu_linear import pack_linear_layers, packing_available
 from kvops.worker.request import Request, TokenLogprob
 from kvops.worker.sampler import sample
 from kvops.worker.scheduler import ScheduledRequest, SchedulerOutput
@@ -36,6 +37,8 @@ class ModelRunner:
         self.block_size = config.block_size
         backend = get_attention_backend(config.attention_backend, self.device)
         self.model = build_model(model_config, state_dict, backend, max_model_len, self.device)
+        if packing_available(self.device, self.dtype):
+            pack_linear_layers(self.model)
         self.num_blocks = self._num_kv_blocks()
         # kv-head major, the layout every attention backend takes (see ops/attention.py).
         shape = (
