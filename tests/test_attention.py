@@ -1,6 +1,6 @@
-"""Paged attention: the torch reference against a naive dense implementation, and the Triton
-kernels against the torch reference (under TRITON_INTERPRET=1 on the CPU, on the GPU when there
-is one; tests/conftest.py sets the switch)."""
+"""Paged attention: the torch reference against a naive dense implementation, the C++ CPU decode
+kernel against the naive one, and the Triton kernels against the torch reference (under
+TRITON_INTERPRET=1 on the CPU, on the GPU when there is one; tests/conftest.py sets the switch)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvops.worker.ops import attention as ref
+from kvops.worker.ops import cpu_attention
 from kvops.worker.ops import triton_attention as tri  # no skip: triton is a declared dependency
 
 CUDA = torch.cuda.is_available()
@@ -419,13 +420,92 @@ def test_reference_chunked_prefill_and_decode_agree_with_one_shot():
 
 
 # --------------------------------------------------------------------------------------------
+# C++ CPU decode kernel vs naive
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("head_dim", cpu_attention.HEAD_DIMS)
+@pytest.mark.parametrize(("num_kv_heads", "group"), GQA)
+def test_cpu_kernel_decode_matches_naive(block_size, head_dim, num_kv_heads, group):
+    # Exact block boundaries, partially filled last blocks, one token, a padding row (0) in the
+    # middle, and lengths far apart so that the threads' shares split inside the batch.
+    seq_lens = [5, 8, 1, 0, 13, 4 * block_size, 4 * block_size + 3, 150, 2]
+    case = make_case(
+        seq_lens,
+        [1] * len(seq_lens),
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        head_dim=head_dim,
+    )
+    args = (case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale)
+    out = cpu_attention.paged_decode_attention(*args)
+    expected = naive_attention(case)
+    expected[3] = 0
+    assert out.shape == case.query.shape and out.dtype == torch.float32
+    assert_close(out, expected, torch.float32)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_cpu_kernel_sharp_softmax_and_strided_query():
+    """Scores hundreds apart (the softmax must subtract the maximum, and exp underflows to ~0),
+    and a query that is a strided view of a wider tensor (as q[:num_decodes] of a step is)."""
+    case = make_case([37, 200], [1, 1], block_size=16, num_kv_heads=2, group=3, head_dim=64)
+    wide = torch.cat([case.query, case.query], dim=-1) * 40
+    query = wide[..., :64]
+    case.query = query.contiguous()
+    args = (case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale)
+    out = cpu_attention.paged_decode_attention(query, *args)
+    assert torch.isfinite(out).all()
+    assert_close(out, naive_attention(case), torch.float32)
+
+
+def test_cpu_kernel_falls_back_to_the_reference_for_other_dtypes_and_sizes():
+    for dtype, head_dim in [(torch.bfloat16, 64), (torch.float32, 40)]:
+        case = make_case(
+            [9, 3], [1, 1], block_size=4, num_kv_heads=2, group=2, head_dim=head_dim, dtype=dtype
+        )
+        args = (
+            case.query,
+            case.k_cache,
+            case.v_cache,
+            case.block_tables,
+            case.seq_lens,
+            case.scale,
+        )
+        assert torch.equal(
+            cpu_attention.paged_decode_attention(*args), ref.paged_decode_attention(*args)
+        )
+
+
+def test_cpu_kernel_rejects_block_ids_outside_the_cache():
+    case = make_case([9, 3], [1, 1], block_size=4, num_kv_heads=2, group=2, head_dim=64)
+    tables = case.block_tables.clone()
+    tables[1, 0] = case.k_cache.shape[1]  # one past the last block
+    with pytest.raises(RuntimeError, match=r"block_tables\[1, 0\]"):
+        cpu_attention.paged_decode_attention(
+            case.query, case.k_cache, case.v_cache, tables, case.seq_lens, case.scale
+        )
+    too_long = torch.tensor([9, 100], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        cpu_attention.paged_decode_attention(
+            case.query, case.k_cache, case.v_cache, case.block_tables, too_long, case.scale
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # backend selection
 # --------------------------------------------------------------------------------------------
 
 
 def test_backend_selection():
     assert ref.get_attention_backend("torch", "cpu").name == "torch"
-    assert ref.get_attention_backend("auto", "cpu").name == "torch"
+    # The C++ kernel must build here: a failed build would silently fall back to the reference.
+    assert cpu_attention.extension_available()
+    cpu = ref.get_attention_backend("auto", "cpu")
+    assert cpu.name == "cpu" and cpu.paged_decode_attention is cpu_attention.paged_decode_attention
+    assert ref.get_attention_backend("cpu", "cpu").name == "cpu"
     backend = ref.get_attention_backend("triton", TRITON_DEVICES[0])
     assert backend.name == "triton"
     assert backend.paged_decode_attention is tri.paged_decode_attention

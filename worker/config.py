@@ -134,7 +134,8 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    # "auto": Triton kernels on CUDA, the torch reference on the CPU.
+    # "auto": Triton kernels on CUDA; on the CPU the C++ decode kernel ("cpu") when it builds,
+    # else the torch reference ("torch").
     attention_backend: str = "auto"
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -163,7 +164,8 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
             raise ValueError(
-                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+                "attention_backend must be auto, torch, triton or cpu, "
+                f"got {self.attention_backend!r}"
             )

@@ -45,9 +45,11 @@ scale, *, max_query_len=None, key=None, value=None) -> out``
     written to the cache; the torch backend attends to them directly for sequences without
     earlier context instead of gathering them back. Backends may ignore them.
 
-``get_attention_backend(name, device)`` picks an implementation: ``"torch"``, ``"triton"`` or
-``"auto"`` (Triton when the device is CUDA and Triton imports, the torch reference otherwise).
-The Triton module is imported only when it is chosen, so CPU users never need Triton.
+``get_attention_backend(name, device)`` picks an implementation: ``"torch"``, ``"triton"``,
+``"cpu"`` (the C++ decode kernel of ``cpu_attention.py`` with the torch reference for the rest) or
+``"auto"`` (Triton when the device is CUDA and Triton imports; on the CPU, ``"cpu"`` when its
+kernel builds; the torch reference otherwise). The Triton module is imported only when it is
+chosen, so CPU users never need Triton.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ __all__ = [
     "write_kv_cache",
 ]
 
-BACKEND_NAMES = ("auto", "torch", "triton")
+BACKEND_NAMES = ("auto", "torch", "triton", "cpu")
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
@@ -516,12 +518,25 @@ def _triton_backend(device: torch.device) -> AttentionBackend:
     )
 
 
-def get_attention_backend(name: str = "auto", device: Any = "cpu") -> AttentionBackend:
-    """Return the backend ``name`` ("auto", "torch" or "triton") for ``device``.
+def _cpu_backend() -> AttentionBackend:
+    from kvops.worker.ops import cpu_attention  # lazy: it imports this module
 
-    "auto" is Triton on CUDA when Triton imports, the torch reference otherwise. "triton" on a
-    non-CUDA device only works under ``TRITON_INTERPRET=1`` (tests). Unknown names raise
-    ``ValueError``; "triton" without Triton installed raises ``ImportError``.
+    return AttentionBackend(
+        name="cpu",
+        write_kv_cache=write_kv_cache,
+        paged_decode_attention=cpu_attention.paged_decode_attention,
+        paged_prefill_attention=paged_prefill_attention,
+    )
+
+
+def get_attention_backend(name: str = "auto", device: Any = "cpu") -> AttentionBackend:
+    """Return the backend ``name`` ("auto", "torch", "triton" or "cpu") for ``device``.
+
+    "auto" is Triton on CUDA when Triton imports, "cpu" on the CPU when its C++ kernel builds
+    (the first call builds it), the torch reference otherwise. "triton" on a non-CUDA device only
+    works under ``TRITON_INTERPRET=1`` (tests). "cpu" needs the CPU; if its kernel does not
+    build it runs the torch reference. Unknown names raise ``ValueError``; "triton" without
+    Triton installed raises ``ImportError``.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(
@@ -530,6 +545,10 @@ def get_attention_backend(name: str = "auto", device: Any = "cpu") -> AttentionB
     device = torch.device(device)
     if name == "torch":
         return TORCH_BACKEND
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on the CPU, not {str(device)!r}")
+        return _cpu_backend()
     if name == "triton":
         if not triton_available():
             raise ImportError(
@@ -542,4 +561,9 @@ def get_attention_backend(name: str = "auto", device: Any = "cpu") -> AttentionB
             return _triton_backend(device)
         except ImportError:
             return TORCH_BACKEND
+    if device.type == "cpu":
+        from kvops.worker.ops import cpu_attention
+
+        if cpu_attention.extension_available():
+            return _cpu_backend()
     return TORCH_BACKEND
