@@ -479,6 +479,24 @@ def test_cpu_kernel_falls_back_to_the_reference_for_other_dtypes_and_sizes():
         )
 
 
+@pytest.mark.parametrize("num_tokens", [6, 700])  # 700: several threads' worth of rows
+def test_cpu_kernel_write_kv_cache(num_tokens):
+    gen = torch.Generator().manual_seed(2)
+    k_cache = torch.randn(3, 300, 4, 64, generator=gen)
+    v_cache = torch.randn(3, 300, 4, 64, generator=gen)
+    # Strided views of one fused [T, 2 * kv * d] projection, as a fused qkv layer would give.
+    kv = torch.randn(num_tokens, 2 * 3 * 64, generator=gen)
+    key = kv[:, : 3 * 64].view(num_tokens, 3, 64)
+    value = kv[:, 3 * 64 :].view(num_tokens, 3, 64)
+    slots = torch.randperm(1200, generator=gen)[:num_tokens]
+    slots[::5] = -1  # padding tokens are skipped
+    expected = write_expected(key, value, k_cache, v_cache, slots)
+    cpu_attention.write_kv_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1])
+    with pytest.raises(RuntimeError, match="is not a slot of the cache"):
+        cpu_attention.write_kv_cache(key, value, k_cache, v_cache, slots + 1200)
+
+
 def test_cpu_kernel_rejects_block_ids_outside_the_cache():
     case = make_case([9, 3], [1, 1], block_size=4, num_kv_heads=2, group=2, head_dim=64)
     tables = case.block_tables.clone()
@@ -505,6 +523,7 @@ def test_backend_selection():
     assert cpu_attention.extension_available()
     cpu = ref.get_attention_backend("auto", "cpu")
     assert cpu.name == "cpu" and cpu.paged_decode_attention is cpu_attention.paged_decode_attention
+    assert cpu.write_kv_cache is cpu_attention.write_kv_cache
     assert ref.get_attention_backend("cpu", "cpu").name == "cpu"
     backend = ref.get_attention_backend("triton", TRITON_DEVICES[0])
     assert backend.name == "triton"

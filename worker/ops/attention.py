@@ -46,7 +46,7 @@ scale, *, max_query_len=None, key=None, value=None) -> out``
     earlier context instead of gathering them back. Backends may ignore them.
 
 ``get_attention_backend(name, device)`` picks an implementation: ``"torch"``, ``"triton"``,
-``"cpu"`` (the C++ decode kernel of ``cpu_attention.py`` with the torch reference for the rest) or
+``"cpu"`` (the C++ decode and cache-write kernels of ``cpu_attention.py``, torch prefill) or
 ``"auto"`` (Triton when the device is CUDA and Triton imports; on the CPU, ``"cpu"`` when its
 kernel builds; the torch reference otherwise). The Triton module is imported only when it is
 chosen, so CPU users never need Triton.
@@ -523,7 +523,7 @@ def _cpu_backend() -> AttentionBackend:
 
     return AttentionBackend(
         name="cpu",
-        write_kv_cache=write_kv_cache,
+        write_kv_cache=cpu_attention.write_kv_cache,
         paged_decode_attention=cpu_attention.paged_decode_attention,
         paged_prefill_attention=paged_prefill_attention,
     )

@@ -1,4 +1,5 @@
-"""Paged decode attention in C++ for float32 on the CPU (``csrc/paged_attention_cpu.cpp``).
+"""Paged decode attention and the KV-cache write in C++ for float32 on the CPU
+(``csrc/paged_attention_cpu.cpp``).
 
 Decode attention on a CPU is bound by memory traffic: every step reads every running sequence's
 whole context from the KV cache. The torch reference gathers the blocks into a copy and runs SDPA
@@ -24,7 +25,7 @@ import torch
 
 from kvops.worker.ops import attention
 
-__all__ = ["extension_available", "paged_decode_attention"]
+__all__ = ["extension_available", "paged_decode_attention", "write_kv_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,27 @@ def paged_decode_attention(
         out,
     )
     return out
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same contract as :func:`attention.write_kv_cache`: one row copy per token and kv head
+    in C++ when the dtypes and layouts allow, the torch reference otherwise."""
+    if not (
+        key.device.type == "cpu"
+        and key.dtype == value.dtype == k_cache.dtype == torch.float32
+        and key.stride(-1) == value.stride(-1) == 1
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and extension_available()
+    ):
+        attention.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    torch.ops.kvops.write_kv_cache_cpu(
+        key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous()
+    )
