@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from kvops.worker.block_manager import KVCacheManager
+from kvops.worker.block_manager import KVCacheManager, block_digest
 from kvops.worker.request import Request, SamplingParams
 
 BS = 4
@@ -51,6 +53,22 @@ def test_allocate_grows_the_table_and_counts_references():
     assert kv.num_free_blocks == 8 and kv.usage == 0
     assert kv.block_table("a") == []
     kv.check_invariants([])
+
+
+def test_blocks_are_keyed_by_chained_sha256_digests():
+    """The prefix cache keys are SHA-256 digests chained over whole token blocks: the same block
+    after a different prefix is a different key, and large token ids are not truncated."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    tokens = [1, 2, 3, 4, 2**40, 6, 7, 8, 9]
+    admit(kv, make_request("a", tokens))
+    first = hashlib.sha256(b"".join(t.to_bytes(8, "little") for t in tokens[:4])).digest()
+    second = block_digest(first, tokens[4:8])
+    assert block_digest(b"", tokens[:4]) == first
+    assert {first: kv.block_table("a")[0], second: kv.block_table("a")[1]} == kv._cached
+    assert block_digest(b"", [1, 2, 3, 4 + 2**32]) != first
+    # The second block's tokens after another first block: nothing to share past the miss.
+    other = make_request("b", [9, 9, 9, 9, 2**40, 6, 7, 8, 9])
+    assert kv.get_computed_blocks(other) == ([], 0)
 
 
 def test_prefix_hit_across_requests_shares_blocks():

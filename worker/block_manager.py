@@ -1,17 +1,22 @@
 """The KV-cache block pool: reference counts, block tables, prefix hashes, LRU of free blocks.
 
 The cache is split into `num_blocks` blocks of `block_size` token slots. A request owns a block
-table (block ids in token order). Full blocks are identified by a hash chained over their tokens,
-`hash((parent_hash, tuple(block_tokens)))`, so two requests with the same prefix share the
-blocks of that prefix. A freed block keeps its hash and stays findable until the pool needs a
-fresh block and evicts it, least recently freed first.
+table (block ids in token order). Full blocks are identified by a SHA-256 digest chained over
+their tokens, `sha256(parent_digest + block_tokens as int64)`, so two requests with the same
+prefix share the blocks of that prefix. A cryptographic digest, not Python's `hash()`: with a
+64-bit non-cryptographic hash, one tenant could craft a prompt whose block collides with another
+tenant's cached prefix and be served that prefix's keys and values (vLLM's CVE-2025-25183).
+A freed block keeps its digest and stays findable until the pool needs a fresh block and evicts
+it, least recently freed first.
 
 Pure Python, no torch: the model runner owns the tensors; this module only hands out ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import struct
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -30,7 +35,7 @@ class KVBlock:
         self.block_id = block_id
         self.ref_count = 0
         # Set once the block is full and computed and registered in the prefix cache.
-        self.block_hash: int | None = None
+        self.block_hash: bytes | None = None
 
     def __repr__(self) -> str:
         return f"KVBlock({self.block_id}, ref={self.ref_count}, hash={self.block_hash})"
@@ -54,12 +59,12 @@ class KVCacheManager:
         # Free blocks (ref 0), least recently freed first; an OrderedDict gives O(1) removal of
         # a cached free block that a new request reuses.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[bytes, int] = {}  # block digest -> block id
         self._tables: dict[str, list[int]] = {}
         # Per request: the hashes of its full blocks computed so far. Tokens are only ever
         # appended, so the chain stays valid across preemptions; weak keys drop it with the
         # request, also for requests that were looked up but never admitted.
-        self._req_hashes: weakref.WeakKeyDictionary[Request, list[int]] = (
+        self._req_hashes: weakref.WeakKeyDictionary[Request, list[bytes]] = (
             weakref.WeakKeyDictionary()
         )
         # Per request with blocks: how many of its blocks cache_blocks has handled.
@@ -208,15 +213,15 @@ class KVCacheManager:
         block.ref_count = 1
         return block_id
 
-    def _block_hashes(self, request: Request, num_blocks: int) -> list[int]:
-        """The request's chained block hashes, at least its first `num_blocks` (memoised)."""
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The request's chained block digests, at least its first `num_blocks` (memoised)."""
         hashes = self._req_hashes.get(request)
         if hashes is None:
             hashes = self._req_hashes[request] = []
         size = self.block_size
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else b""
         for i in range(len(hashes), num_blocks):
-            parent = hash((parent, _token_slice(request, i * size, (i + 1) * size)))
+            parent = block_digest(parent, _token_slice(request, i * size, (i + 1) * size))
             hashes.append(parent)
         return hashes
 
@@ -247,6 +252,11 @@ class KVCacheManager:
         _check(self.enable_prefix_caching or not self._cached, "cached blocks with caching off")
         used = sum(1 for r in refs if r > 0)
         _check(len(self._free) + used == self.num_blocks, "free + used != num_blocks")
+
+
+def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """SHA-256 of the parent block's digest (empty for the first block) and the block's tokens."""
+    return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
 
 def _token_slice(request: Request, start: int, end: int) -> tuple[int, ...]:

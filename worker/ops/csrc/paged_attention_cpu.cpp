@@ -17,8 +17,7 @@
 // slot dimension of the kv-head-major cache took 80 us a layer for a 32-token decode step.
 //
 // Registered as torch.ops.kvops.{paged_decode_attention_cpu,write_kv_cache_cpu}; built on first
-// use by
-// worker/ops/cpu_attention.py with torch.utils.cpp_extension.
+// use by worker/ops/cpu_attention.py with torch.utils.cpp_extension.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,7 +31,7 @@
 namespace {
 
 // GCC/Clang vector extension: eight float lanes, lowered to whatever SIMD the target has (two
-// SSE or NEON registers, one AVX register). head_dim must be a multiple of kLanes.
+// SSE or NEON registers, one AVX register). Every instantiated head_dim is a multiple of kLanes.
 constexpr int64_t kLanes = 8;
 constexpr int64_t kMaxGroup = 64;  // query heads per kv head
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
