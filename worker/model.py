@@ -236,12 +236,17 @@ def build_model(
     max_positions: int,
     device: torch.device,
 ) -> CausalLM:
-    """Instantiate without allocating random weights, then take the given tensors as they are."""
+    """Instantiate without allocating random weights, then take the given tensors as they are
+    (``state_dict`` is emptied: its tensors belong to the model)."""
     with torch.device("meta"):
         model = CausalLM(config, backend, max_positions)
     # The rotary tables are computed, not loaded: build them for real on the target device.
     model.rotary = RotaryEmbedding(config, max_positions).to(device)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    # The model owns the tensors now. Dropping the dict's references lets a later transformation
+    # (the CPU's packed linear layers) free each dense matrix instead of holding the whole
+    # checkpoint twice.
+    state_dict.clear()
     if unexpected:
         raise ValueError(f"weights have unexpected tensors: {sorted(unexpected)[:5]}")
     if missing:

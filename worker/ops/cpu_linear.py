@@ -14,6 +14,9 @@ The packed weight is an opaque ``torch._mkldnn`` tensor; the model keeps its ord
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 from torch import nn
 
@@ -54,12 +57,29 @@ class PackedLinear(nn.Module):
 
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; return how many."""
+    # Parents and names only: a reference to an old nn.Linear would keep its dense matrix alive.
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear.from_linear(child))
+    for parent, name in targets:
+        setattr(parent, name, PackedLinear.from_linear(getattr(parent, name)))
+    _return_freed_heap()
     return len(targets)
+
+
+def _return_freed_heap() -> None:
+    """Hand the freed dense matrices back to the OS.
+
+    glibc keeps freed heap memory mapped, so without this the process (and a pod's memory
+    accounting) kept the whole dense checkpoint after packing: SmolLM2 at 1745 MiB RSS after
+    load against 1339 MiB trimmed. Other C libraries have no malloc_trim: nothing to do there.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return
+    malloc_trim(0)
