@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -73,6 +74,18 @@ def test_unknown_model_path_names_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises((ValueError, FileNotFoundError), match="no-such-model"):
         LLMEngine(EngineConfig(model=str(missing)))
+
+
+def test_async_engine_raises_load_errors_from_its_step_thread(tmp_path):
+    # from_config loads the model on the step thread; the error must still reach the caller.
+    def step_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "kvops-engine"}
+
+    before = step_threads()
+    missing = tmp_path / "no-such-model"
+    with pytest.raises((ValueError, FileNotFoundError), match="no-such-model"):
+        AsyncLLMEngine.from_config(EngineConfig(model=str(missing)))
+    assert step_threads() <= before  # the failed engine's thread has ended
 
 
 def test_corrupt_gguf_is_named_corrupt(tmp_path):
