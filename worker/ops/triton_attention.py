@@ -70,6 +70,18 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # One key tile of the online softmax, in base 2: `s` holds the tile's scaled scores (hidden
+    # keys at -inf) and `v` its values. Returns the new running maximum, denominator and output.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
@@ -171,18 +183,11 @@ def _paged_decode_kernel(
         s = _dot(q, tl.trans(k), IEEE, UPCAST)
         s = tl.where(col_mask[None, :], s * qk_scale, float("-inf"))
 
-        # Online softmax. Every tile holds at least one visible key (start < seq_len), so m_new
-        # is finite and alpha is exp2(-inf) = 0 on the first tile.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
         v_off = block * stride_vc_block + in_block * stride_vc_slot + kv_head * stride_vc_head
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        pv = _dot(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        # Every tile holds at least one visible key (start < seq_len), so the running maximum is
+        # finite and the first tile's rescale factor is exp2(-inf) = 0.
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
 
     # seq_len == 0 (a padding row): l_i == 0 and acc == 0, so the output is 0.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -266,18 +271,11 @@ def _paged_prefill_kernel(
         visible = col_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s * qk_scale, float("-inf"))
 
-        # Online softmax. Key 0 is visible to every row and sits in the first tile, so m_i is
-        # finite from then on; a later tile fully hidden for a row contributes exp2(-inf) = 0.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
         v_off = block * stride_vc_block + in_block * stride_vc_slot + kv_head * stride_vc_head
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        pv = _dot(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        # Key 0 is visible to every row and sits in the first tile, so the running maximum is
+        # finite from then on; a later tile fully hidden for a row contributes exp2(-inf) = 0.
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_off = (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
