@@ -8,16 +8,18 @@ pairs over torch's own OpenMP threads. With SmolLM2 shapes (32 sequences of 32-8
 layers, 2 AVX2 cores) a step's decode attention took 44 ms against the reference's 75 ms.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 10 s, then cached
-under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and rebuilt only when the
-source or flags change). Without a working C++ compiler, or for shapes and dtypes it does not
-take, the torch reference runs instead.
+under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, one build per CPU model,
+rebuilt only when the source or flags change). Without a working C++ compiler, or for shapes and
+dtypes it does not take, the torch reference runs instead.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def extension_available() -> bool:
     _put_ninja_on_path()
     try:
         cpp_extension.load(
-            name="kvops_cpu_attention",
+            name=_build_name(),
             sources=[str(_SOURCE)],
             # -march=native: the build is local to the machine (and cache) that runs it.
             # -fopenmp: at::parallel_for runs on torch's OpenMP threads; the extension links the
@@ -59,6 +61,25 @@ def extension_available() -> bool:
         )
         return False
     return True
+
+
+def _build_name() -> str:
+    """The extension's name, one per CPU model. The build uses -march=native, and torch's cache
+    is keyed by name and source only: a cache folder shared by different CPUs (a home directory
+    on NFS, a volume reused across node types) would otherwise hand one CPU another's
+    instructions, and the process would die of an illegal instruction."""
+    features = {platform.machine()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            features.update(
+                line.strip()
+                for line in cpuinfo
+                if line.startswith(("model name", "flags", "Features", "CPU part"))
+            )
+    except OSError:
+        pass  # not Linux: the machine name alone
+    digest = hashlib.sha256("\n".join(sorted(features)).encode()).hexdigest()[:12]
+    return f"kvops_cpu_attention_{digest}"
 
 
 def _put_ninja_on_path() -> None:
