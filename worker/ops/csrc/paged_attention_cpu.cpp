@@ -226,7 +226,8 @@ void paged_decode_attention_cpu(const at::Tensor& query, const at::Tensor& k_cac
     total += std::max<int64_t>(lens[i / num_kv_heads], 1);
     cost_end[i] = total;
   }
-  const int64_t num_threads = std::max<int64_t>(std::min<int64_t>(at::get_num_threads(), num_items), 1);
+  const int64_t num_threads =
+      std::max<int64_t>(std::min<int64_t>(at::get_num_threads(), num_items), 1);
   const auto first_item_of = [&](int64_t thread) {
     // The first item whose cost range ends beyond this thread's share.
     const int64_t share_start = total * thread / num_threads;
