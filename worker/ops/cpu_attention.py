@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -42,9 +43,11 @@ def extension_available() -> bool:
     from torch.utils import cpp_extension  # imports setuptools: only when needed
 
     _put_ninja_on_path()
+    name = _build_name()
+    started = time.monotonic()
     try:
         cpp_extension.load(
-            name=_build_name(),
+            name=name,
             sources=[str(_SOURCE)],
             # -march=native: the build is local to the machine (and cache) that runs it.
             # -fopenmp: at::parallel_for runs on torch's OpenMP threads; the extension links the
@@ -60,6 +63,8 @@ def extension_available() -> bool:
             str(error).splitlines()[0] if str(error) else type(error).__name__,
         )
         return False
+    # A first start compiles (about 10 s); later ones load the cached build.
+    log.info("C++ CPU attention kernel %s ready in %.1f s", name, time.monotonic() - started)
     return True
 
 
