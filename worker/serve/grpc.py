@@ -146,9 +146,8 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(_OPEN_SERVICES):
             return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
         try:
-            self.state.authenticate(token if scheme.lower() == "bearer" else None)
+            self.state.authenticate(metadata.get("authorization"))
         except Unauthenticated as error:
             self.state.record_error(error)
             return _refusal(error, await continuation(details))

@@ -227,47 +227,55 @@ class _Call:
 
 
 async def _chat_chunks(call: _Call, include_usage: bool):
+    def delta(index: int, output: RequestOutput) -> dict:
+        return {
+            "index": index,
+            "delta": {"content": output.new_text} if output.new_text else {},
+            "logprobs": protocol.chat_logprobs(output.new_logprobs, call.state.token_text),
+            "finish_reason": output.finish_reason if output.finished else None,
+        }
+
     obj = "chat.completion.chunk"
     for i in range(len(call.params)):
         opening = {"role": "assistant", "content": ""}
         yield call.chunk(obj, [{"index": i, "delta": opening, "finish_reason": None}])
-    finals = []
-    async with contextlib.aclosing(call.outputs()) as outputs:
-        async for index, output in outputs:
-            if not (output.new_text or output.finished or output.new_logprobs):
-                continue
-            choice = {
-                "index": index,
-                "delta": {"content": output.new_text} if output.new_text else {},
-                "logprobs": protocol.chat_logprobs(output.new_logprobs, call.state.token_text),
-                "finish_reason": output.finish_reason if output.finished else None,
-            }
-            yield call.chunk(obj, [choice])
-            if output.finished:
-                finals.append(output)
-    if include_usage:
-        yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
+    async for chunk in _delta_chunks(call, obj, include_usage, delta):
+        yield chunk
 
 
 async def _completion_chunks(call: _Call, include_usage: bool):
-    obj = "text_completion"
-    offsets = [0] * len(call.params)
+    offsets = [0] * len(call.params)  # characters of text sent so far, per choice
+
+    def delta(index: int, output: RequestOutput) -> dict:
+        logprobs = protocol.completion_logprobs(
+            output.new_logprobs, call.state.token_text, offsets[index]
+        )
+        offsets[index] += len(output.new_text)
+        return {
+            "index": index,
+            "text": output.new_text,
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason if output.finished else None,
+        }
+
+    async for chunk in _delta_chunks(call, "text_completion", include_usage, delta):
+        yield chunk
+
+
+async def _delta_chunks(
+    call: _Call,
+    obj: str,
+    include_usage: bool,
+    delta: Callable[[int, RequestOutput], dict],
+):
+    """One chunk per output that carries something (`delta` builds its choice), then the usage
+    chunk when the client asked for it."""
     finals = []
     async with contextlib.aclosing(call.outputs()) as outputs:
         async for index, output in outputs:
             if not (output.new_text or output.finished or output.new_logprobs):
                 continue
-            logprobs = protocol.completion_logprobs(
-                output.new_logprobs, call.state.token_text, offsets[index]
-            )
-            offsets[index] += len(output.new_text)
-            choice = {
-                "index": index,
-                "text": output.new_text,
-                "logprobs": logprobs,
-                "finish_reason": output.finish_reason if output.finished else None,
-            }
-            yield call.chunk(obj, [choice])
+            yield call.chunk(obj, [delta(index, output)])
             if output.finished:
                 finals.append(output)
     if include_usage:
@@ -359,8 +367,7 @@ async def _read_body(request: Request, model: type[Body]) -> Body:
 
 
 def _authenticate(state: ServingState, request: Request) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    state.authenticate(token if scheme.lower() == "bearer" else None)
+    state.authenticate(request.headers.get("authorization"))
 
 
 def _client_timeout(request: Request) -> float | None:

@@ -130,12 +130,16 @@ class ServingState:
 
     # -- checks every request goes through ------------------------------------------------------
 
-    def authenticate(self, presented: str | None) -> None:
-        """Compare in constant time; the key itself never appears in an error or a log."""
+    def authenticate(self, authorization: str | None) -> None:
+        """Check an `Authorization: Bearer <key>` value (HTTP header or gRPC metadata) in
+        constant time; the key itself never appears in an error or a log."""
         expected = self.options.api_key
         if expected is None:
             return
-        if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.encode(), expected.encode()
+        ):
             raise Unauthenticated("a valid API key is required (Authorization: Bearer <key>)")
 
     def check_model(self, model: str | None) -> None:
