@@ -7,20 +7,27 @@ import sys
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvops.worker.config import DTYPES, EngineConfig  # no torch: cheap for --help
+
+    defaults = EngineConfig()
     parser.add_argument(
-        "--model", default="default", help="default, a HF folder, a .gguf file, or dummy:<preset>"
+        "--model",
+        default=defaults.model,
+        help="default, a HF folder, a .gguf file, or dummy:<preset>",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES)
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens
+    )
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    parser.add_argument("--num-kv-blocks", type=int, default=defaults.num_kv_blocks)
     parser.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
-        default=0.9,
+        default=defaults.kv_cache_memory_fraction,
         help="share of the GPU memory left after the weights that the KV cache takes (CUDA)",
     )
     parser.add_argument("--no-prefix-caching", action="store_true")

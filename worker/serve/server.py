@@ -90,7 +90,7 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
         http_task.result()
         raise RuntimeError(f"the HTTP server could not listen on {server.host}:{server.http_port}")
     scheme = "grpcs" if server.grpc_tls_cert else "grpc"
-    log.warning(
+    log.info(
         "kvops serving %s: http://%s:%d (OpenAI API), %s://%s:%d",
         state.model_name,
         server.host,
@@ -101,7 +101,7 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
     )
 
     await stop.wait()
-    log.warning("shutting down: draining %d request(s)", state.in_flight)
+    log.info("shutting down: draining %d request(s)", state.in_flight)
     state.draining = True
     await grpc_api.set_serving(health, False)
     if not await state.wait_idle(server.shutdown_grace):
