@@ -99,15 +99,15 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
-def _supported(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    num_heads, head_dim = query.shape[1:]
-    num_kv_heads = k_cache.shape[0]
+def _kernel_takes(k_cache: torch.Tensor, v_cache: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    """Whether the C++ kernels apply: float32 CPU caches laid out contiguously, float32 inputs,
+    and a kernel that built."""
     return (
-        query.device.type == "cpu"
-        and query.dtype == k_cache.dtype == torch.float32
+        k_cache.device.type == "cpu"
+        and all(t.dtype == torch.float32 for t in (k_cache, v_cache, *inputs))
         and k_cache.is_contiguous()
-        and head_dim in HEAD_DIMS
-        and num_heads // num_kv_heads <= _MAX_GROUP
+        and v_cache.is_contiguous()
+        and extension_available()
     )
 
 
@@ -123,7 +123,12 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Same contract as :func:`attention.paged_decode_attention`; the C++ kernel when it takes
     the shapes, the torch reference otherwise."""
-    if not (_supported(query, k_cache) and v_cache.is_contiguous() and extension_available()):
+    num_heads, head_dim = query.shape[1:]
+    if not (
+        head_dim in HEAD_DIMS
+        and num_heads // k_cache.shape[0] <= _MAX_GROUP
+        and _kernel_takes(k_cache, v_cache, query)
+    ):
         return attention.paged_decode_attention(
             query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
         )
@@ -150,12 +155,7 @@ def write_kv_cache(
     """Same contract as :func:`attention.write_kv_cache`: one row copy per token and kv head
     in C++ when the dtypes and layouts allow, the torch reference otherwise."""
     if not (
-        key.device.type == "cpu"
-        and key.dtype == value.dtype == k_cache.dtype == torch.float32
-        and key.stride(-1) == value.stride(-1) == 1
-        and k_cache.is_contiguous()
-        and v_cache.is_contiguous()
-        and extension_available()
+        key.stride(-1) == value.stride(-1) == 1 and _kernel_takes(k_cache, v_cache, key, value)
     ):
         attention.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
         return
