@@ -10,10 +10,11 @@ mirrored by pydantic validators so that the operator's own parse fails the same 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kvops.io"
@@ -30,9 +31,24 @@ MODEL_SOURCE_PATTERN = (
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
     r"|builtin://smollm2)$"
 )
+# A DNS-1035 label: what a Service's name must be (a letter first).
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A label key (optional DNS-subdomain prefix and '/', then a name) and a label value.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # A resource.Quantity such as 10Gi or 500M (or a plain number of bytes).
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
-DEFAULT_IMAGE = "ghcr.io/kvops/kvops-worker:0.1.0"
+CPU_PATTERN = r"^[0-9]+(\.[0-9]+)?m?$"
+# The images `make images` builds and tags (e2e/images): an LLMDeployment that names no image
+# runs the worker image of this release.
+RELEASE = "0.1.0"
+DEFAULT_IMAGE = f"ghcr.io/kvops/kvops-worker:{RELEASE}"
+OPERATOR_IMAGE = f"ghcr.io/kvops/kvops-operator:{RELEASE}"
+# Environment variables the operator sets itself to wire the worker to its volumes and peers.
+RESERVED_ENV = ("KVOPS_PROMPTS_DIR", "KVOPS_VECTOR_INDEX_ADDRESS", "KVOPS_RETRIEVAL_TOP_K")
 
 
 class Spec(BaseModel):
@@ -88,10 +104,38 @@ class EngineSettings(Spec):
 
 
 class Toleration(Spec):
-    key: str | None = Field(None, max_length=316)
+    """A pod toleration; the rules are the API server's own for pods, checked at admission so a
+    bad one is refused here instead of by every Deployment apply."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.key) && self.key != '') || self.operator == 'Exists'",
+                    "message": "a toleration without a key must use operator Exists",
+                    "fieldPath": ".operator",
+                },
+                {
+                    "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists takes no value",
+                    "fieldPath": ".value",
+                },
+            ]
+        }
+    )
+
+    key: str | None = Field(None, pattern=f"^$|{LABEL_KEY_PATTERN}", max_length=316)
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, pattern=LABEL_VALUE_PATTERN, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        return self
 
 
 class Autoscaling(Spec):
@@ -127,6 +171,9 @@ class Autoscaling(Spec):
 class SecretKeyRef(Spec):
     name: str = Field(pattern=SUBDOMAIN_PATTERN, max_length=253)
     key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+    optional: bool = Field(
+        False, description="Start the pod without the variable when the Secret or key is missing"
+    )
 
 
 class EnvVar(Spec):
@@ -143,7 +190,18 @@ class EnvVar(Spec):
         }
     )
 
-    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)
+    name: str = Field(
+        pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+        max_length=253,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!(self in {list(RESERVED_ENV)})",
+                    "message": "this variable is set by the operator",
+                }
+            ]
+        },
+    )
     value: str | None = Field(None, max_length=32768)
     secret_key_ref: SecretKeyRef | None = None
 
@@ -151,7 +209,25 @@ class EnvVar(Spec):
     def _one_source(self) -> EnvVar:
         if (self.value is None) == (self.secret_key_ref is None):
             raise ValueError(f"env {self.name}: set exactly one of value and secretKeyRef")
+        if self.name in RESERVED_ENV:
+            raise ValueError(f"env {self.name}: this variable is set by the operator")
         return self
+
+
+class ResourceList(Spec):
+    cpu: int | str | None = Field(None, json_schema_extra={"pattern": CPU_PATTERN})
+    memory: int | str | None = Field(None, json_schema_extra={"pattern": QUANTITY_PATTERN})
+
+
+class ComputeResources(Spec):
+    """CPU and memory of each worker pod; GPUs come from `gpus`."""
+
+    requests: ResourceList = Field(default_factory=ResourceList)
+    limits: ResourceList = Field(default_factory=ResourceList)
+
+
+class LocalObjectReference(Spec):
+    name: str = Field(pattern=SUBDOMAIN_PATTERN, max_length=253)
 
 
 class PromptRef(Spec):
@@ -175,17 +251,72 @@ class LLMDeploymentSpec(Spec):
     replicas: int = Field(1, ge=0, le=1000)
     gpus: int = Field(1, ge=0, le=16, description="GPUs per replica (nvidia.com/gpu)")
     gpu_product: str | None = Field(
-        None, max_length=63, description="Required value of the nvidia.com/gpu.product node label"
+        None,
+        pattern=LABEL_VALUE_PATTERN,
+        max_length=63,
+        description="Required value of the nvidia.com/gpu.product node label",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] = (
+        Field(
+            default_factory=dict,
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "self.all(k, k.size() <= 316 && "
+                        f"k.matches(r'{LABEL_KEY_PATTERN}'))",
+                        "message": "node selector keys must be label keys such as "
+                        "example.com/gpu-class",
+                    }
+                ]
+            },
+        )
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key in selector:
+            if len(key) > 316 or not re.match(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"nodeSelector key {key!r} is not a label key")
+        return selector
+
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(
+        None, description="The worker pods' affinity, as in a pod spec"
+    )
+    resources: ComputeResources | None = Field(
+        None,
+        description="CPU and memory per worker pod; by default requests sized for the model",
+    )
     autoscaling: Autoscaling | None = None
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+    service_account_name: str | None = Field(None, pattern=SUBDOMAIN_PATTERN, max_length=253)
+    priority_class_name: str | None = Field(None, pattern=SUBDOMAIN_PATTERN, max_length=253)
+    runtime_class_name: str | None = Field(None, pattern=SUBDOMAIN_PATTERN, max_length=253)
+    startup_timeout_seconds: int = Field(
+        600,
+        ge=30,
+        le=86400,
+        description="How long a worker may take to load its model before it counts as failed",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     prompts: list[PromptRef] = Field(default_factory=list, max_length=32)
     retrieval: Retrieval | None = None
     observability: Observability = Field(default_factory=Observability)
+
+    @model_validator(mode="after")
+    def _unique_env(self) -> LLMDeploymentSpec:
+        names = [var.name for var in self.env]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"env: duplicate names {duplicates}")
+        return self
 
 
 class LLMDeploymentStatus(StatusBase):
@@ -392,11 +523,36 @@ class Resource:
     spec: type[Spec]
     status: type[Spec]
     columns: list[dict[str, Any]]
+    # The longest object name whose children's names and labels the API server still accepts;
+    # None: any name the API server takes for the kind itself.
+    max_name_length: int | None = None
     scale: bool = False
 
     @property
     def name(self) -> str:
         return f"{self.plural}.{GROUP}"
+
+    def name_rule(self) -> dict[str, str] | None:
+        """The CEL rule on metadata.name that keeps every child's name and labels valid."""
+        if self.max_name_length is None:
+            return None
+        return {
+            "rule": f"self.metadata.name.size() <= {self.max_name_length} && "
+            f"self.metadata.name.matches(r'{SERVICE_NAME_PATTERN}')",
+            "message": f"metadata.name must start with a letter, hold only lowercase letters, "
+            f"digits and '-', and be at most {self.max_name_length} characters: it names "
+            f"the {self.kind}'s Service and labels its pods",
+        }
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why the API server would refuse this object's children (the CEL rule's own check, for
+    objects created before the CRD carried it)."""
+    rule = RESOURCE_BY_KIND[kind].name_rule()
+    limit = RESOURCE_BY_KIND[kind].max_name_length
+    if rule is None or (len(name) <= limit and re.match(SERVICE_NAME_PATTERN, name)):
+        return None
+    return rule["message"]
 
 
 def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
@@ -415,6 +571,8 @@ RESOURCES = [
         spec=LLMDeploymentSpec,
         status=LLMDeploymentStatus,
         scale=True,
+        # The Service is named after it (a DNS-1035 label) and pods carry it as a label value.
+        max_name_length=63,
         columns=[
             _column("Ready", ".status.ready"),
             _column("Endpoint", ".status.endpoint"),
@@ -444,6 +602,8 @@ RESOURCES = [
         short_name="vidx",
         spec=VectorIndexSpec,
         status=VectorIndexStatus,
+        # Build Jobs are "<name>-build-<10-char hash>" and their pods carry that as a label value.
+        max_name_length=46,
         columns=[
             _column("Phase", ".status.phase"),
             _column("Documents", ".status.documents", "integer"),
@@ -519,9 +679,11 @@ def openapi_schema(resource: Resource) -> dict[str, Any]:
     status = structural(resource.status.model_json_schema(by_alias=True))
     spec.pop("description", None)
     status.pop("description", None)
+    rule = resource.name_rule()
     return {
         "type": "object",
         "required": ["spec"],
+        **({"x-kubernetes-validations": [rule]} if rule else {}),
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

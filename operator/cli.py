@@ -33,6 +33,16 @@ def rbac_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def manifests_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kvops.operator.rbac import install_documents
+
+    documents = install_documents(args.namespace, args.all_namespaces, args.image)
+    sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False))
+    return 0
+
+
 def operator_command(args: argparse.Namespace) -> int:
     from kvops.operator.main import run
 
@@ -56,6 +66,19 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
         "--all-namespaces", action="store_true", help="a ClusterRole for a cluster-wide operator"
     )
     rbac.set_defaults(handler=rbac_command)
+
+    from kvops.operator.api import OPERATOR_IMAGE
+
+    manifests = subparsers.add_parser(
+        "manifests",
+        help="print the operator's ServiceAccount, roles and Deployment (apply after `kvops crds`)",
+    )
+    manifests.add_argument("--namespace", default="default", help="where the operator runs")
+    manifests.add_argument(
+        "--all-namespaces", action="store_true", help="watch every namespace (a ClusterRole)"
+    )
+    manifests.add_argument("--image", default=OPERATOR_IMAGE, help="the operator image")
+    manifests.set_defaults(handler=manifests_command)
 
     operator = subparsers.add_parser("operator", help="run the Kubernetes operator")
     scope = operator.add_mutually_exclusive_group()

@@ -61,6 +61,25 @@ def post_phase_change(
         )
 
 
+def warn_on_new_problem(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Warning Event when condition `type_` is about to turn True with a new reason or message,
+    so a repeated reconcile of the same problem does not flood the resource's events."""
+    previous = next(
+        (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == type_),
+        None,
+    )
+    if previous is None or (
+        previous.get("status"),
+        previous.get("reason"),
+        previous.get("message"),
+    ) != (
+        "True",
+        reason,
+        message,
+    ):
+        kopf.event(body, type="Warning", reason=reason, message=message)
+
+
 def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:
     """A reference-shaped stub of the child's owner of this kind (reconcile re-reads it)."""
     for ref in child["metadata"].get("ownerReferences", []):
@@ -72,6 +91,15 @@ def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, An
             }
             return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
     return None
+
+
+def labelled_owner(child: dict[str, Any], label: str, kind: str) -> dict[str, Any] | None:
+    """The resource of `kind` a pod belongs to by its `label` (pods are owned by ReplicaSets and
+    Jobs, not by our resources); None once it is gone."""
+    from kvops.operator.api import API_VERSION
+
+    name = child["metadata"].get("labels", {}).get(label)
+    return get(API_VERSION, kind, name, child["metadata"]["namespace"]) if name else None
 
 
 def condition(
@@ -128,16 +156,36 @@ def _resource(api_version: str, kind: str) -> Any:
         return _resources[api_version, kind]
 
 
+class ChildRefused(Exception):
+    """The API server refused a child as invalid or forbidden: retrying the same object cannot
+    succeed, so the owner's status must say why."""
+
+
+def _api_message(error: Any) -> str:
+    try:
+        return json.loads(error.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(error.summary() if hasattr(error, "summary") else error)
+
+
 def apply(obj: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply of a whole desired object (force: the operator owns what it renders)."""
+    from kubernetes.dynamic.exceptions import DynamicApiError
+
     resource = _resource(obj["apiVersion"], obj["kind"])
-    result = _dynamic().server_side_apply(
-        resource,
-        body=obj,
-        namespace=obj["metadata"].get("namespace"),
-        field_manager=FIELD_MANAGER,
-        force_conflicts=True,
-    )
+    try:
+        result = _dynamic().server_side_apply(
+            resource,
+            body=obj,
+            namespace=obj["metadata"].get("namespace"),
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+    except DynamicApiError as error:
+        if error.status in (400, 403, 422):
+            name = obj["metadata"]["name"]
+            raise ChildRefused(f"{obj['kind']} {name}: {_api_message(error)}") from error
+        raise
     return result.to_dict()
 
 
@@ -151,9 +199,15 @@ def get(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any
 
 
 def list_objects(
-    api_version: str, kind: str, namespace: str, label_selector: str | None = None
+    api_version: str,
+    kind: str,
+    namespace: str,
+    label_selector: str | None = None,
+    field_selector: str | None = None,
 ) -> list[dict[str, Any]]:
-    result = _resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
+    result = _resource(api_version, kind).get(
+        namespace=namespace, label_selector=label_selector, field_selector=field_selector
+    )
     return result.to_dict()["items"]
 
 

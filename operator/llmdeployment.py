@@ -10,8 +10,9 @@ from typing import Any
 
 import kopf
 
-from kvops.operator import kube
-from kvops.operator.api import API_VERSION, LLMDeploymentSpec
+from kvops.operator import contract, diagnosis, kube
+from kvops.operator.api import API_VERSION, LLMDeploymentSpec, name_problem
+from kvops.operator.diagnosis import Problem
 from kvops.operator.metrics import measured
 
 HTTP_PORT = 8000
@@ -19,8 +20,22 @@ GRPC_PORT = 50051
 PROMPTS_DIR = "/etc/kvops/prompts"
 MODELS_DIR = "/models"
 RUN_AS_USER = 10001
-# Pods may take long to load a model before /health answers.
-STARTUP_SECONDS = 600
+# The root filesystem is read-only: everything the worker writes (kernel and compiler caches,
+# downloads) goes to the `cache` emptyDir. The worker image sets the same defaults.
+CACHE_DIR = "/cache"
+CACHE_ENV = {
+    "HOME": f"{CACHE_DIR}/home",
+    "XDG_CACHE_HOME": CACHE_DIR,
+    "HF_HOME": f"{CACHE_DIR}/huggingface",
+    "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+    "TORCH_EXTENSIONS_DIR": f"{CACHE_DIR}/torch_extensions",
+}
+# Model sources the worker of this release loads; the others are refused with a condition.
+LOADABLE_SOURCES = ("builtin://", "pvc://")
+# Requests when the spec names none: the built-in model needs about 1.4 GiB resident on the CPU;
+# other models are staged in host memory on their way to the GPU.
+BUILTIN_REQUESTS = {"cpu": "500m", "memory": "2Gi"}
+MODEL_REQUESTS = {"cpu": "2", "memory": "16Gi"}
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -35,6 +50,17 @@ def spec_hash(spec: LLMDeploymentSpec) -> str:
     """Hash of everything that shapes a pod; replicas and autoscaling do not roll pods."""
     shaping = spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "autoscaling"})
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_problem(source: str) -> str | None:
+    """Why the worker of this release cannot load `source`, if it cannot."""
+    if source.startswith(LOADABLE_SOURCES):
+        return None
+    scheme = source.split("://", 1)[0]
+    return (
+        f"model source {source}: this kvops worker cannot load {scheme}:// models yet; "
+        "use builtin://smollm2 or a model folder on a PersistentVolumeClaim (pvc://claim/path)"
+    )
 
 
 def model_argument(source: str) -> str:
@@ -81,8 +107,11 @@ def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
 
 
 def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    """The operator's variables, then the user's; a user variable of the same name replaces the
+    operator's default (the API server would keep duplicates and warn)."""
+    user_names = {var.name for var in spec.env}
     env: list[dict[str, Any]] = [
-        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        *({"name": key, "value": value} for key, value in CACHE_ENV.items()),
         {"name": "OTEL_SERVICE_NAME", "value": f"kvops-worker.{name}"},
         {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
         {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(spec.observability.sampling_ratio)},
@@ -102,10 +131,13 @@ def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict
             },
             {"name": "KVOPS_RETRIEVAL_TOP_K", "value": str(spec.retrieval.top_k)},
         ]
+    env = [var for var in env if var["name"] not in user_names]
     for var in spec.env:
         if var.secret_key_ref is not None:
             ref = var.secret_key_ref
             source = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+            if ref.optional:
+                source["secretKeyRef"]["optional"] = True
             env.append({"name": var.name, "valueFrom": source})
         else:
             env.append({"name": var.name, "value": var.value})
@@ -139,6 +171,35 @@ def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
         "failureThreshold": failures,
         "timeoutSeconds": 5,
     }
+
+
+def compute_resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """Requests and limits of the worker container: the spec's, else sized for the model."""
+    if spec.resources is not None:
+        requests = spec.resources.requests.model_dump(exclude_none=True)
+        limits = spec.resources.limits.model_dump(exclude_none=True)
+    else:
+        builtin = spec.model.source.startswith("builtin://")
+        requests = dict(BUILTIN_REQUESTS if builtin else MODEL_REQUESTS)
+        limits = {}
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = spec.gpus
+    resources = {}
+    if requests:
+        resources["requests"] = {key: str(value) for key, value in requests.items()}
+    if limits:
+        resources["limits"] = {
+            key: value if key == "nvidia.com/gpu" else str(value) for key, value in limits.items()
+        }
+    return resources
+
+
+def rollout_strategy(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """With GPUs, replace pods one at a time without a surge pod: a cluster rarely has a spare
+    GPU for it, and the surge pod would sit Pending and stall the rollout."""
+    if spec.gpus:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
 
 def metadata(owner: dict[str, Any], name: str) -> dict[str, Any]:
@@ -175,11 +236,10 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
     if spec.gpu_product:
         node_selector["nvidia.com/gpu.product"] = spec.gpu_product
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
-    limits: dict[str, Any] = {}
     if spec.gpus:
-        limits["nvidia.com/gpu"] = spec.gpus
         # GPU nodes are commonly tainted so that only pods asking for GPUs land on them.
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    startup_checks = -(-spec.startup_timeout_seconds // 10)
 
     container = {
         "name": "worker",
@@ -192,8 +252,11 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
         ],
-        "resources": {"limits": limits} if limits else {},
-        "startupProbe": http_probe("/health", 10, STARTUP_SECONDS // 10),
+        "resources": compute_resources(spec),
+        # A worker that exits on a bad model or flag says why in its last log lines; the
+        # kubelet keeps them as the termination message, which the status then quotes.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "startupProbe": http_probe("/health", 10, startup_checks),
         "livenessProbe": http_probe("/health", 10, 3),
         "readinessProbe": http_probe("/ready", 5, 3),
         "securityContext": restricted_container_security(),
@@ -211,12 +274,26 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
+    for field, value in [
+        ("serviceAccountName", spec.service_account_name),
+        ("priorityClassName", spec.priority_class_name),
+        ("runtimeClassName", spec.runtime_class_name),
+    ]:
+        if value:
+            pod_spec[field] = value
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(owner, name),
         "spec": {
             "replicas": spec.replicas,
+            "strategy": rollout_strategy(spec),
+            # The rollout may take the model's load time and a pull of a large image.
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + 300,
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {
@@ -364,26 +441,33 @@ def deployment_rolled_out(deployment: dict[str, Any], desired: int) -> bool:
 
 
 def render_status(
-    owner: dict[str, Any], spec: LLMDeploymentSpec, deployment: dict[str, Any] | None
+    owner: dict[str, Any],
+    spec: LLMDeploymentSpec | None,
+    deployment: dict[str, Any] | None,
+    problem: Problem | None = None,
 ) -> dict[str, Any]:
-    """The LLMDeployment's status from its Deployment (None: not created yet)."""
+    """The LLMDeployment's status from its Deployment (None: not created yet) and the first
+    problem found with the spec, the children or the pods (None: none)."""
     name = owner["metadata"]["name"]
     namespace = owner["metadata"]["namespace"]
     generation = owner["metadata"].get("generation")
     previous = (owner.get("status") or {}).get("conditions") or []
-    desired = spec.replicas
+    desired = spec.replicas if spec is not None else 0
     deployment_status = (deployment or {}).get("status") or {}
     ready = deployment_status.get("readyReplicas", 0)
     replicas = deployment_status.get("replicas", 0)
-    stalled = next(
-        (
-            c
-            for c in deployment_status.get("conditions", [])
-            if (c["type"] == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded")
-            or (c["type"] == "ReplicaFailure" and c["status"] == "True")
-        ),
-        None,
-    )
+    if problem is None:
+        stalled = next(
+            (
+                c
+                for c in deployment_status.get("conditions", [])
+                if (c["type"] == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded")
+                or (c["type"] == "ReplicaFailure" and c["status"] == "True")
+            ),
+            None,
+        )
+        if stalled is not None:
+            problem = Problem(stalled.get("reason") or "ReplicaFailure", stalled.get("message", ""))
     rolled_out = deployment is not None and deployment_rolled_out(deployment, desired)
     available = ready >= 1
 
@@ -399,20 +483,22 @@ def render_status(
         ),
         cond(
             "Progressing",
-            not rolled_out,
-            "RollingOut" if not rolled_out else "RolledOut",
-            "waiting for the Deployment's new pods"
-            if not rolled_out
-            else "all replicas run the current spec",
+            not rolled_out and problem is None,
+            "RolledOut" if rolled_out else "Stalled" if problem else "RollingOut",
+            "all replicas run the current spec"
+            if rolled_out
+            else "see Degraded"
+            if problem
+            else "waiting for the Deployment's new pods",
         ),
         cond(
             "Degraded",
-            stalled is not None,
-            stalled.get("reason", "ReplicaFailure") if stalled else "AsExpected",
-            stalled.get("message", "") if stalled else "",
+            problem is not None,
+            problem.reason if problem else "AsExpected",
+            problem.message if problem else "",
         ),
     ]
-    healthy = rolled_out and stalled is None and (available or desired == 0)
+    healthy = rolled_out and problem is None and (available or desired == 0)
     conditions.append(
         cond(
             "Ready",
@@ -421,13 +507,13 @@ def render_status(
             "serving with every replica" if healthy else f"{ready} of {desired} replicas ready",
         )
     )
-    if stalled is not None:
+    if problem is not None:
         phase = "Degraded"
     elif not rolled_out:
         phase = "Progressing" if deployment is not None else "Pending"
     else:
         phase = "Available" if available else "Pending"
-    return {
+    status = {
         "observedGeneration": generation,
         "phase": phase,
         "replicas": replicas,
@@ -435,9 +521,36 @@ def render_status(
         "ready": f"{ready}/{desired}",
         "selector": ",".join(f"{k}={v}" for k, v in selector_labels(name).items()),
         "endpoint": f"{name}.{namespace}.svc:{HTTP_PORT}",
-        "model": spec.model.served_name or spec.model.source,
         "conditions": conditions,
     }
+    if spec is not None:
+        status["model"] = spec.model.served_name or spec.model.source
+    return status
+
+
+def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Problem | None]:
+    """The parsed spec, or why the operator will not render it (checked before any apply)."""
+    message = name_problem("LLMDeployment", body["metadata"]["name"])
+    if message is not None:
+        return None, Problem("InvalidName", message)
+    try:
+        spec = LLMDeploymentSpec.model_validate(body["spec"])
+    except ValueError as error:
+        return None, Problem("InvalidSpec", str(error))
+    message = source_problem(spec.model.source)
+    if message is not None:
+        return spec, Problem("UnsupportedModelSource", message)
+    return spec, None
+
+
+def pods_problem(namespace: str, name: str) -> Problem | None:
+    """Why the worker pods do not run, from their status and (while Pending) Warning events."""
+    selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    pods = kube.list_objects("v1", "Pod", namespace, selector)
+    events = []
+    if diagnosis.needs_events(pods):
+        events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
+    return diagnosis.pod_problem(pods, events)
 
 
 # ---------------------------------------------------------------------------------------- handlers
@@ -465,19 +578,33 @@ def reconcile(body: dict[str, Any]) -> None:
             return
         body = current
         with measured("LLMDeployment"):
-            try:
-                spec = LLMDeploymentSpec.model_validate(body["spec"])
-            except ValueError as error:
-                raise kopf.PermanentError(f"invalid spec: {error}") from error
+            name = body["metadata"]["name"]
             namespace = body["metadata"]["namespace"]
-            children, stale = render(body, spec, resolve_prompts(namespace, spec))
-            applied = {child["kind"]: kube.apply(child) for child in children}
-            for api_version, kind, name in stale:
-                kube.delete(api_version, kind, name, namespace)
-            status = render_status(body, spec, applied["Deployment"])
-            kube.post_phase_change(
-                body, status, warning=status["phase"] == "Degraded", reason=status["phase"]
-            )
+            spec, problem = spec_problem(body)
+            deployment = None
+            if problem is None:
+                children, stale = render(body, spec, resolve_prompts(namespace, spec))
+                problem_text = contract.children_problem(children)
+                if problem_text is not None:
+                    problem = Problem("UnsupportedCommand", problem_text)
+            if problem is None:
+                try:
+                    applied = {child["kind"]: kube.apply(child) for child in children}
+                except kube.ChildRefused as refusal:
+                    problem = Problem("ChildRefused", str(refusal))
+                else:
+                    deployment = applied["Deployment"]
+                    for api_version, kind, stale_name in stale:
+                        kube.delete(api_version, kind, stale_name, namespace)
+                    problem = pods_problem(namespace, name)
+            if deployment is None:  # nothing applied: report what runs from an earlier spec
+                deployment = kube.get("apps/v1", "Deployment", name, namespace)
+            status = render_status(body, spec, deployment, problem)
+            if status["phase"] == "Degraded":
+                degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+                kube.warn_on_new_problem(body, "Degraded", degraded["reason"], degraded["message"])
+            else:
+                kube.post_phase_change(body, status, warning=False, reason=status["phase"])
             kube.patch_status(body, status)
 
 
@@ -496,6 +623,15 @@ def on_timer(body: kopf.Body, **_: Any) -> None:
 
 def reconcile_owner(child: dict[str, Any]) -> None:
     owner = kube.owner_of(child, API_VERSION, "LLMDeployment")
+    if owner is not None:
+        reconcile(owner)
+
+
+@kopf.on.event("v1", "pods", labels={"kvops.io/llmdeployment": kopf.PRESENT})
+def on_worker_pod(body: kopf.Body, **_: Any) -> None:
+    """A worker pod changed (crashed, failed to pull, was scheduled): its owner's status says
+    so now. Pods are owned by ReplicaSets, so the LLMDeployment is found by its label."""
+    owner = kube.labelled_owner(kube.plain(body), "kvops.io/llmdeployment", "LLMDeployment")
     if owner is not None:
         reconcile(owner)
 

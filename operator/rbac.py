@@ -1,11 +1,12 @@
-"""The operator's permissions, least privilege: exactly what its handlers and kopf use. The
-cluster tests run the operator under these rules, so a missing verb fails there first."""
+"""The operator's install manifests: its permissions, least privilege (exactly what its handlers
+and kopf use; the cluster tests run the operator under these rules, so a missing verb fails there
+first), and the Deployment that runs it from the operator image."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kvops.operator.api import GROUP, RESOURCES
+from kvops.operator.api import GROUP, OPERATOR_IMAGE, RESOURCES
 from kvops.operator.kube import FIELD_MANAGER
 
 NAME = FIELD_MANAGER
@@ -33,7 +34,8 @@ def rules(clusterwide: bool) -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["services"], "verbs": APPLY},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*APPLY, "delete"]},
         {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": APPLY},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        # Pod status and Warning events are how a worker's failure reaches the owner's status.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": APPLY},
         {
             "apiGroups": ["autoscaling"],
@@ -42,6 +44,7 @@ def rules(clusterwide: bool) -> list[dict[str, Any]]:
         },
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*APPLY, "delete"]},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     ]
 
 
@@ -89,3 +92,88 @@ def documents(namespace: str, clusterwide: bool) -> list[dict[str, Any]]:
         *_role("ClusterRole", f"{NAME}-discovery-{namespace}", namespace, DISCOVERY),
         *_role("Role", NAME, namespace, rules(False)),
     ]
+
+
+LIVENESS_PORT = 8080
+METRICS_PORT = 9090
+
+
+def operator_deployment(namespace: str, clusterwide: bool, image: str) -> dict[str, Any]:
+    """One operator pod under the ServiceAccount above; restricted Pod Security (non-root, read-only
+    root filesystem, no capabilities), so it runs in a namespace that enforces it."""
+    labels = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "operator"}
+    scope = ["--all-namespaces"] if clusterwide else ["--namespace", namespace]
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "liveness"},
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+        "failureThreshold": 6,
+    }
+    container = {
+        "name": "operator",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["kvops", "operator", *scope],
+        "args": [
+            "--liveness",
+            f"http://0.0.0.0:{LIVENESS_PORT}/healthz",
+            "--metrics-port",
+            str(METRICS_PORT),
+        ],
+        "ports": [
+            {"name": "liveness", "containerPort": LIVENESS_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+        "livenessProbe": probe,
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            # Two operators at once would both reconcile: the old one goes first.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def install_documents(
+    namespace: str, clusterwide: bool, image: str = OPERATOR_IMAGE
+) -> list[dict[str, Any]]:
+    """Everything `kvops manifests` prints: permissions and the operator Deployment (the CRDs
+    come from `kvops crds`)."""
+    return [*documents(namespace, clusterwide), operator_deployment(namespace, clusterwide, image)]

@@ -11,8 +11,9 @@ from typing import Any
 
 import kopf
 
-from kvops.operator import kube
-from kvops.operator.api import API_VERSION, VectorIndexSpec
+from kvops.operator import contract, diagnosis, kube
+from kvops.operator.api import API_VERSION, VectorIndexSpec, name_problem
+from kvops.operator.diagnosis import Problem
 from kvops.operator.llmdeployment import (
     GRPC_PORT,
     HTTP_PORT,
@@ -244,13 +245,18 @@ def _seconds_between(start: str, end: str) -> float:
 
 
 def render_status(
-    owner: dict[str, Any], spec: VectorIndexSpec, job: dict[str, Any], result: dict[str, Any]
+    owner: dict[str, Any],
+    spec: VectorIndexSpec | None,
+    job: dict[str, Any] | None,
+    result: dict[str, Any],
+    problem: Problem | None = None,
 ) -> dict[str, Any]:
-    """Status from the build Job and the figures the build reported (`result`, maybe empty)."""
+    """Status from the build Job (None: not created), the figures the build reported (`result`,
+    maybe empty) and the first problem with the spec, the children or the pods (None: none)."""
     namespace = owner["metadata"]["namespace"]
     generation = owner["metadata"].get("generation")
     previous = (owner.get("status") or {}).get("conditions") or []
-    job_status = job.get("status") or {}
+    job_status = (job or {}).get("status") or {}
     job_conditions = {
         c["type"]: c for c in job_status.get("conditions", []) if c["status"] == "True"
     }
@@ -260,25 +266,37 @@ def render_status(
     elif failed is not None:
         phase, reason = "Failed", failed.get("reason") or "BuildFailed"
         message = failed.get("message") or "the build Job failed"
+    elif problem is not None:
+        phase, reason, message = "Failed", problem.reason, problem.message
     elif job_status.get("active") or job_status.get("startTime"):
         phase, reason, message = "Building", "Building", "the build Job is running"
     else:
         phase, reason, message = "Pending", "BuildPending", "the build Job has not started"
     documents = result.get("documents")
-    if documents is None and spec.source.documents is not None:
+    if documents is None and spec is not None and spec.source.documents is not None:
         documents = len(spec.source.documents)
+    conditions = [kube.condition(previous, "Ready", phase == "Ready", reason, message, generation)]
+    conditions.append(
+        kube.condition(
+            previous,
+            "Degraded",
+            problem is not None,
+            problem.reason if problem else "AsExpected",
+            problem.message if problem else "",
+            generation,
+        )
+    )
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": phase,
-        "buildHash": build_hash(spec),
         "documents": documents,
         "chunks": result.get("chunks"),
         "dimension": result.get("dimension"),
         "endpoint": f"{owner['metadata']['name']}-search.{namespace}.svc:{GRPC_PORT}",
-        "conditions": [
-            kube.condition(previous, "Ready", phase == "Ready", reason, message, generation)
-        ],
+        "conditions": conditions,
     }
+    if spec is not None:
+        status["buildHash"] = build_hash(spec)
     completion = job_status.get("completionTime")
     if completion and job_status.get("startTime"):
         status["lastBuildTime"] = completion
@@ -302,34 +320,71 @@ def build_result(pods: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- handlers
 
 
+def spec_problem(body: dict[str, Any]) -> tuple[VectorIndexSpec | None, Problem | None]:
+    message = name_problem("VectorIndex", body["metadata"]["name"])
+    if message is not None:
+        return None, Problem("InvalidName", message)
+    try:
+        return VectorIndexSpec.model_validate(body["spec"]), None
+    except ValueError as error:
+        return None, Problem("InvalidSpec", str(error))
+
+
+def apply_children(
+    body: dict[str, Any], spec: VectorIndexSpec
+) -> tuple[dict | None, Problem | None]:
+    """Apply the children and drop superseded builds; (the build Job, why not)."""
+    name = body["metadata"]["name"]
+    namespace = body["metadata"]["namespace"]
+    children = render(body, spec)
+    problem_text = contract.children_problem(children)
+    if problem_text is not None:
+        return None, Problem("UnsupportedCommand", problem_text)
+    try:
+        applied = [kube.apply(child) for child in children]
+    except kube.ChildRefused as refusal:
+        return None, Problem("ChildRefused", str(refusal))
+    job = next(obj for obj in applied if obj["kind"] == "Job")
+    for old in kube.list_objects("batch/v1", "Job", namespace, f"kvops.io/vectorindex={name}"):
+        if old["metadata"]["name"] != job["metadata"]["name"]:
+            kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
+    return job, None
+
+
 def reconcile(body: dict[str, Any]) -> None:
     with kube.exclusive(body) as current:
         if current is None or current["metadata"].get("deletionTimestamp"):
             return
         body = current
         with measured("VectorIndex"):
-            try:
-                spec = VectorIndexSpec.model_validate(body["spec"])
-            except ValueError as error:
-                raise kopf.PermanentError(f"invalid spec: {error}") from error
             name = body["metadata"]["name"]
             namespace = body["metadata"]["namespace"]
-            applied = [kube.apply(child) for child in render(body, spec)]
-            job = next(obj for obj in applied if obj["kind"] == "Job")
-            # Builds of an earlier spec are superseded.
-            for old in kube.list_objects(
-                "batch/v1", "Job", namespace, f"kvops.io/vectorindex={name}"
-            ):
-                if old["metadata"]["name"] != job["metadata"]["name"]:
-                    kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
-            pods = kube.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
-            status = render_status(body, spec, job, build_result(pods))
-            kube.post_phase_change(
-                body,
-                status,
-                warning=status["phase"] == "Failed",
-                reason=status["conditions"][0]["reason"],
-            )
+            spec, problem = spec_problem(body)
+            job, result = None, {}
+            if problem is None:
+                job, problem = apply_children(body, spec)
+            if job is not None:
+                build_pods = kube.list_objects(
+                    "v1", "Pod", namespace, f"job-name={job['metadata']['name']}"
+                )
+                result = build_result(build_pods)
+                pods = kube.list_objects("v1", "Pod", namespace, f"kvops.io/vectorindex={name}")
+                events = []
+                if diagnosis.needs_events(pods):
+                    events = kube.list_objects(
+                        "v1", "Event", namespace, field_selector="type=Warning"
+                    )
+                problem = diagnosis.pod_problem(pods, events)
+            status = render_status(body, spec, job, result, problem)
+            if problem is not None and status["phase"] == "Failed":
+                kube.warn_on_new_problem(body, "Degraded", problem.reason, problem.message)
+            else:
+                kube.post_phase_change(
+                    body,
+                    status,
+                    warning=status["phase"] == "Failed",
+                    reason=status["conditions"][0]["reason"],
+                )
             kube.patch_status(body, status)
 
 
@@ -351,7 +406,19 @@ def reconcile_owner(child: dict[str, Any]) -> None:
         reconcile(owner)
 
 
-for _group_version, _plural in [("batch/v1", "jobs"), ("apps/v1", "deployments")]:
+@kopf.on.event("v1", "pods", labels={"kvops.io/vectorindex": kopf.PRESENT})
+def on_index_pod(body: kopf.Body, **_: Any) -> None:
+    """A build or search pod changed: a stuck or failed one shows in the index's status now."""
+    owner = kube.labelled_owner(kube.plain(body), "kvops.io/vectorindex", "VectorIndex")
+    if owner is not None:
+        reconcile(owner)
+
+
+for _group_version, _plural in [
+    ("batch/v1", "jobs"),
+    ("apps/v1", "deployments"),
+    ("v1", "persistentvolumeclaims"),
+]:
     kopf.on.event(
         _group_version,
         _plural,

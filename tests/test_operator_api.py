@@ -66,7 +66,8 @@ def test_schema_details_kubernetes_relies_on():
     assert autoscaling["nullable"] is True
     assert autoscaling["properties"]["target"]["x-kubernetes-int-or-string"] is True
     assert "minReplicas <= self.maxReplicas" in autoscaling["x-kubernetes-validations"][0]["rule"]
-    assert spec["properties"]["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    assert spec["properties"]["nodeSelector"]["additionalProperties"]["type"] == "string"
+    assert spec["properties"]["env"]["x-kubernetes-list-map-keys"] == ["name"]  # unique names
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert llmd["spec"]["names"]["shortNames"] == ["llmd"]
     assert llmd["spec"]["names"]["categories"] == ["kvops"]

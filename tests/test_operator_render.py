@@ -156,7 +156,8 @@ def test_pvc_models_are_mounted_read_only():
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "/models/models/llama/8b"
     assert args[args.index("--device") + 1] == "cpu"
-    assert "resources" not in pod["containers"][0] or not pod["containers"][0]["resources"]
+    # No GPU: requests for host memory and CPU only, sized for a model that is not built in.
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "16Gi"}}
     volume = next(v for v in pod["volumes"] if v["name"] == "model")
     assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 

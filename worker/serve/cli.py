@@ -77,23 +77,37 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_serve_configuration(args: argparse.Namespace, server) -> str:
+    """Everything `kvops serve` would refuse, short of loading the weights (`--check`): the
+    options, the model source, the files it reads. Returns the resolved model path."""
+    from pathlib import Path
+
+    from kvops.worker.weights import resolve_model
+
+    server.validate()
+    config = engine_config_from_args(args)
+    config.validate()
+    for flag, path in [
+        ("--grpc-tls-cert", args.grpc_tls_cert),
+        ("--grpc-tls-key", args.grpc_tls_key),
+        ("--api-key-file", args.api_key_file),
+    ]:
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    return resolve_model(config.model)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
     import os
 
-    from kvops.worker.engine import AsyncLLMEngine
     from kvops.worker.serve.server import ServerOptions, serve
     from kvops.worker.serve.service import ServingOptions
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # The key comes from a file or the environment, never the command line (process listings).
-    api_key = os.environ.get("KVOPS_API_KEY") or None
-    if args.api_key_file:
-        with open(args.api_key_file) as file:
-            api_key = file.read().strip() or None
     server = ServerOptions(
         host=args.host,
         http_port=args.http_port,
@@ -102,7 +116,17 @@ def serve_command(args: argparse.Namespace) -> int:
         grpc_tls_cert=args.grpc_tls_cert,
         grpc_tls_key=args.grpc_tls_key,
     )
-    server.validate()
+    model_path = check_serve_configuration(args, server)
+    if args.check:
+        print(f"kvops serve: configuration OK (model {model_path})")
+        return 0
+    # The key comes from a file or the environment, never the command line (process listings).
+    api_key = os.environ.get("KVOPS_API_KEY") or None
+    if args.api_key_file:
+        with open(args.api_key_file) as file:
+            api_key = file.read().strip() or None
+    from kvops.worker.engine import AsyncLLMEngine
+
     engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
     options = ServingOptions(
         served_model_name=args.served_model_name or engine.model_name,
@@ -113,8 +137,10 @@ def serve_command(args: argparse.Namespace) -> int:
     return asyncio.run(serve(engine, options, server))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvops", description="kvops: LLMOps on Kubernetes")
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser):
+    """The whole `kvops` command line. The operator parses the containers it renders with it
+    (kvops.operator.contract), so a flag the CLI lacks is refused before any pod runs it."""
+    parser = parser_class(prog="kvops", description="kvops: LLMOps on Kubernetes")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -156,13 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
     serve.add_argument("--grpc-tls-key", default=None, help="PEM private key for --grpc-tls-cert")
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="check the options, the model source and the files they name, then exit "
+        "(loads no weights)",
+    )
     add_engine_arguments(serve)
     serve.set_defaults(handler=serve_command)
     from kvops.operator.cli import add_operator_commands  # kopf itself is imported lazily
 
     add_operator_commands(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:
