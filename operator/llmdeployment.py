@@ -32,9 +32,10 @@ CACHE_ENV = {
 }
 # Model sources the worker of this release loads; the others are refused with a condition.
 LOADABLE_SOURCES = ("builtin://", "pvc://")
-# Requests when the spec names none: the built-in model needs about 1.4 GiB resident on the CPU;
-# other models are staged in host memory on their way to the GPU.
-BUILTIN_REQUESTS = {"cpu": "500m", "memory": "2Gi"}
+# Requests when the spec names none: the built-in model needs about 1.4 GiB resident on the CPU
+# plus the engine's 2 GiB CPU KV cache; other models are staged in host memory on their way to
+# the GPU.
+BUILTIN_REQUESTS = {"cpu": "500m", "memory": "4Gi"}
 MODEL_REQUESTS = {"cpu": "2", "memory": "16Gi"}
 
 

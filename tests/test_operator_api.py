@@ -155,6 +155,19 @@ def test_cross_field_rules_mirror_the_cel_rules():
         api.EnvVar(name="HF_TOKEN")
     with pytest.raises(ValidationError, match="exactly one of configMap, pvc and documents"):
         api.IndexSource()
+    with pytest.raises(ValidationError, match="without a key must use operator Exists"):
+        api.Toleration(key="", operator="Equal")
+    with pytest.raises(ValidationError, match="operator Exists takes no value"):
+        api.Toleration(key="a", operator="Exists", value="b")
+    assert api.Toleration(operator="Exists").key is None  # tolerates every taint
+    with pytest.raises(ValidationError, match="duplicate names"):
+        api.LLMDeploymentSpec.model_validate(
+            {"model": {"source": "builtin://smollm2"}, "env": [{"name": "A", "value": "1"}] * 2}
+        )
+    with pytest.raises(ValidationError, match="is not a label key"):
+        api.LLMDeploymentSpec.model_validate(
+            {"model": {"source": "builtin://smollm2"}, "nodeSelector": {"bad key": "x"}}
+        )
     with pytest.raises(ValidationError, match="unknownField"):
         api.LLMDeploymentSpec.model_validate(
             {"model": {"source": "builtin://smollm2"}, "unknownField": 1}

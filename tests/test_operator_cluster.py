@@ -285,13 +285,16 @@ def test_examples_apply_and_list_with_their_columns(kube):
     )
     row = kube("get", "pver", "support-answer-v1", "--no-headers").split()
     assert row[:5] == ["support-answer-v1", "support-answer", "1", '["production"]', "true"]
-    index = kube.wait(
-        "the example index's build Job",
-        lambda: kube.items("jobs", "kvops.io/vectorindex=product-docs"),
+    # The index data plane (`kvops index`) is not in this release: refused, with the reason.
+    failed = kube.wait(
+        "the example index refused",
+        lambda: (s := kube.status("vidx", "product-docs")).get("phase") == "Failed" and s,
     )
-    assert index[0]["metadata"]["name"].startswith("product-docs-build-")
-    assert kube.get("pvc", "product-docs-index") is not None
-    assert kube.status("vidx", "product-docs").get("documents") == 2
+    degraded = next(c for c in failed["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "UnsupportedCommand"
+    assert "invalid choice: 'index'" in degraded["message"]
+    assert kube.items("jobs", "kvops.io/vectorindex=product-docs") == []
+    assert kube.get("pvc", "product-docs-index") is None
 
 
 def test_llmdeployment_yields_gpu_workers_service_and_prompts(kube):
@@ -391,6 +394,29 @@ def test_deleted_children_come_back_and_deleting_the_resource_collects_them(kube
             "minReplicas must not exceed maxReplicas",
         ),
         (lambda o: o["spec"]["engine"].update(blockSize=12), "spec.engine.blockSize"),
+        (
+            lambda o: o["spec"].update(tolerations=[{"key": "", "operator": "Equal"}]),
+            "a toleration without a key must use operator Exists",
+        ),
+        (
+            lambda o: o["metadata"].update(name="9starts-with-digit"),
+            "metadata.name must start with a letter",
+        ),
+        (lambda o: o["metadata"].update(name="x" * 64), "at most 63 characters"),
+        (
+            lambda o: o["spec"].update(
+                env=[{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]
+            ),
+            "Duplicate value",
+        ),
+        (
+            lambda o: o["spec"].update(env=[{"name": "KVOPS_PROMPTS_DIR", "value": "/x"}]),
+            "this variable is set by the operator",
+        ),
+        (
+            lambda o: o["spec"].update(nodeSelector={"bad key!": "x"}),
+            "node selector keys must be label keys",
+        ),
     ],
     ids=[
         "missing-model",
@@ -399,6 +425,12 @@ def test_deleted_children_come_back_and_deleting_the_resource_collects_them(kube
         "unknown-field",
         "min-over-max",
         "block-size",
+        "empty-toleration-key",
+        "name-starts-with-digit",
+        "name-too-long",
+        "duplicate-env",
+        "reserved-env",
+        "node-selector-key",
     ],
 )
 def test_invalid_llmdeployments_are_refused_naming_the_field(kube, change, field):
@@ -498,68 +530,60 @@ def _answers(call: Callable[[], str]) -> bool:
     return True
 
 
-def test_vector_index_build_result_reaches_status(kube):
-    """The real job controller completes the build Job once its pod succeeds; the test plays the
-    kubelet (as kwok does) and leaves the build's figures in the termination message."""
-    index = yaml.safe_load((ROOT / "examples" / "vectorindex.yaml").read_text())
-    index["metadata"]["name"] = "docs"
-    # The control plane has no volume provisioner: a pre-bound volume lets the pods schedule.
-    volume = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"docs-index-{kube.namespace}"},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "hostPath": {"path": "/tmp/kvops-docs-index"},
-            "claimRef": {"namespace": kube.namespace, "name": "docs-index"},
-        },
-    }
-    kube.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(volume))
-    kube.apply(index)
-    build = kube.wait(
-        "the build pod to run",
-        lambda: [
-            p
-            for p in kube.items("pods", "app.kubernetes.io/name=kvops-index-build")
-            if p["status"].get("phase") == "Running"
-        ],
-    )[0]
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    figures = {"documents": 2, "chunks": 3, "dimension": 384}
-    terminated = {"exitCode": 0, "reason": "Completed", "message": json.dumps(figures)}
-    terminated.update(startedAt=now, finishedAt=now)
-    container = {"name": "build", "image": "x", "imageID": "", "ready": False, "restartCount": 0}
-    container["state"] = {"terminated": terminated}
-    status = {
-        "phase": "Succeeded",
-        "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
-        "containerStatuses": [container],
-    }
-    kube(
-        "patch", "pod", build["metadata"]["name"], "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": status}),
-    )  # fmt: skip
-    ready = kube.wait(
-        "the index Ready", lambda: (s := kube.status("vidx", "docs")).get("phase") == "Ready" and s
-    )
-    assert (ready["documents"], ready["chunks"], ready["dimension"]) == (2, 3, 384)
-    assert ready["lastBuildTime"] and ready["buildDurationSeconds"] >= 0
-    assert ready["conditions"][0]["reason"] == "BuildSucceeded"
-    first_job = build["metadata"]["labels"]["job-name"]
+def degraded(kube: Kube, kind: str, name: str, reason: str) -> dict[str, Any]:
+    """Wait for the Degraded condition with `reason`; returns it."""
 
-    index["spec"]["chunking"] = {"size": 128, "overlap": 16}
-    kube.apply(index)
-    kube.wait(
-        "a new build replacing the old one",
-        lambda: (
-            [j["metadata"]["name"] for j in kube.items("jobs", "kvops.io/vectorindex=docs")]
-            not in ([], [first_job])
-        ),
+    def condition():
+        for c in kube.status(kind, name).get("conditions", []):
+            if c["type"] == "Degraded" and c["status"] == "True" and c["reason"] == reason:
+                return c
+        return None
+
+    return kube.wait(f"{kind}/{name} Degraded with reason {reason}", condition, timeout=60)
+
+
+def warning_events(kube: Kube, kind: str, name: str) -> str:
+    return kube(
+        "get",
+        "events",
+        "--field-selector",
+        f"type=Warning,involvedObject.kind={kind},involvedObject.name={name}",
     )
-    kube.wait("the old build Job deleted", lambda: kube.get("job", first_job) is None)
-    assert kube.status("vidx", "docs")["phase"] in ("Pending", "Building")
-    kube.cluster.kubectl("delete", "pv", volume["metadata"]["name"], "--wait=false")
+
+
+def test_sources_the_worker_cannot_load_are_refused_with_a_condition(kube):
+    obj = llmd("from-hub")
+    obj["spec"]["model"]["source"] = "hf://org/model@main"
+    kube.apply(obj)
+    condition = degraded(kube, "llmd", "from-hub", "UnsupportedModelSource")
+    assert "cannot load hf:// models yet" in condition["message"]
+    assert kube.status("llmd", "from-hub")["phase"] == "Degraded"
+    assert kube.get("deployment", "from-hub") is None  # nothing that would crash-loop
+    assert "UnsupportedModelSource" in warning_events(kube, "LLMDeployment", "from-hub")
+
+
+def test_a_child_the_api_server_refuses_ends_in_degraded_and_one_warning(kube):
+    resources = {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}
+    kube.apply(llmd("over-limit", resources=resources))
+    condition = degraded(kube, "llmd", "over-limit", "ChildRefused")
+    assert condition["message"].startswith("Deployment over-limit: ")
+    assert "must be less than or equal to memory limit" in condition["message"]
+    # The timer reconciles again, the message does not change: still one Warning.
+    time.sleep(2)
+    kube("annotate", "llmd", "over-limit", "poke=1")
+    time.sleep(2)
+    assert warning_events(kube, "LLMDeployment", "over-limit").count("ChildRefused") == 1
+
+
+def test_unschedulable_workers_say_why_within_a_reconcile(kube):
+    kube.apply(llmd("nowhere", nodeSelector={"example.com/pool": "missing"}))
+    condition = degraded(kube, "llmd", "nowhere", "Unschedulable")
+    assert "didn't match Pod's node affinity/selector" in condition["message"]
+    obj = llmd("no-claim")
+    obj["spec"]["model"]["source"] = "pvc://missing-claim/model"
+    kube.apply(obj)
+    condition = degraded(kube, "llmd", "no-claim", "Unschedulable")
+    assert 'persistentvolumeclaim "missing-claim" not found' in condition["message"]
 
 
 def test_peering_lets_one_operator_work_at_a_time(kube_cluster, tmp_path):

@@ -1,0 +1,169 @@
+"""End to end on a real node: the project's images in containerd, a real kubelet, the operator as
+a pod from its image, workers answering through their Service.
+
+The session builds the images (e2e/images, cached by content hash), starts the local control
+plane with its real node (tests/controlplane.py), imports the images into the node's containerd,
+and installs the CRDs, RBAC and the operator into a namespace that enforces Pod Security
+`restricted`. Everything listens on 127.0.0.1 or on the cluster's own bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "e2e" / "images")]
+
+NAMESPACE = "kvops-e2e"
+CRD_NAMES = ["llmdeployments.kvops.io", "promptversions.kvops.io", "vectorindexes.kvops.io"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.cluster)
+        item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Path]:
+    from build_images import build_images
+
+    return build_images()
+
+
+@pytest.fixture(scope="session")
+def cluster(images):
+    from controlplane import LocalControlPlane
+
+    with LocalControlPlane(real_node=True) as plane:
+        for archive in images.values():
+            plane.import_image(archive)
+        yield plane
+
+
+class Kube:
+    """kubectl in the e2e namespace, with bounded waits that explain themselves."""
+
+    def __init__(self, cluster, namespace: str):
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
+        return self.cluster.kubectl("-n", self.namespace, *args, input=input, timeout=timeout)
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        return self("apply", "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self("get", kind, name, "-o", "json"))
+        except Exception as error:
+            if "NotFound" in str(error):
+                return None
+            raise
+
+    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        return json.loads(self("get", kind, "-l", selector, "-o", "json"))["items"]
+
+    def status(self, kind: str, name: str) -> dict[str, Any]:
+        return (self.get(kind, name) or {}).get("status") or {}
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            time.sleep(1)
+        pytest.fail(
+            f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n"
+            f"operator log:\n{self.operator_log()}"
+        )
+
+    def operator_log(self) -> str:
+        try:
+            return self("logs", "deployment/kvops-operator", "--tail=40")
+        except Exception as error:  # the log is a diagnostic: never hide the real failure
+            return f"(no operator log: {error})"
+
+    def condition(self, kind: str, name: str, type_: str) -> dict[str, Any] | None:
+        for condition in self.status(kind, name).get("conditions", []):
+            if condition["type"] == type_:
+                return condition
+        return None
+
+
+@pytest.fixture(scope="session")
+def kube(cluster) -> Kube:
+    """The namespace, enforcing Pod Security `restricted`, with the CRDs and the operator running
+    as a pod from its image under its least-privilege Role."""
+    labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
+    namespace = {"apiVersion": "v1", "kind": "Namespace"}
+    namespace["metadata"] = {"name": NAMESPACE, "labels": labels}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for", "condition=Established", "--timeout=60s", *[f"crd/{c}" for c in CRD_NAMES]
+    )
+    manifests = subprocess.run(
+        [sys.executable, "-m", "kvops.worker.serve.cli", "manifests", "--namespace", NAMESPACE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    cluster.kubectl("apply", "-f", "-", input=manifests)
+    kube = Kube(cluster, NAMESPACE)
+    kube("rollout", "status", "deployment/kvops-operator", "--timeout=180s", timeout=200)
+    return kube
+
+
+class PortForward:
+    """`kubectl port-forward` to a Service or pod on a free 127.0.0.1 port."""
+
+    def __init__(self, kube: Kube, target: str, port: int):
+        command = [
+            str(kube.cluster.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(kube.cluster.kubeconfig),
+            "-n",
+            kube.namespace,
+            "port-forward",
+            "--address",
+            "127.0.0.1",
+            target,
+            f":{port}",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        line = self.process.stdout.readline()
+        match = re.search(r"Forwarding from 127\.0\.0\.1:(\d+)", line)
+        if match is None:
+            self.close()
+            raise RuntimeError(f"port-forward {target}: {line}{self.process.stdout.read()}")
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def __enter__(self) -> PortForward:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
