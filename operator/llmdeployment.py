@@ -27,6 +27,7 @@ CACHE_ENV = {
     "HOME": f"{CACHE_DIR}/home",
     "XDG_CACHE_HOME": CACHE_DIR,
     "HF_HOME": f"{CACHE_DIR}/huggingface",
+    "KVOPS_CACHE_DIR": f"{CACHE_DIR}/kvops",
     "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
     "TORCH_EXTENSIONS_DIR": f"{CACHE_DIR}/torch_extensions",
 }

@@ -11,16 +11,26 @@ The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 10
 under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, one build per CPU model,
 rebuilt only when the source or flags change). Without a working C++ compiler, or for shapes and
 dtypes it does not take, the torch reference runs instead.
+
+Container images build the kernel once, at image build time, for a named CPU family instead
+(``python -m kvops.worker.ops.cpu_attention --build DIR --march x86-64-v3``) and point
+``$KVOPS_PREBUILT_KERNELS`` at DIR: the build machine is not the node (``-march=native`` would
+be wrong) and a pod's root filesystem is read-only with no compiler. A prebuilt kernel is loaded
+as a plain shared library, writing nothing; when the CPU lacks the family's instructions, or the
+build is for another torch or source, the first-use build above runs instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,11 +45,32 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
 HEAD_DIMS = (64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for (attend_for)
 _MAX_GROUP = 64  # query heads per kv head the kernel takes
+PREBUILT_ENV = "KVOPS_PREBUILT_KERNELS"  # a folder of kernels built by `--build`
+
+# The /proc/cpuinfo flags each x86-64 micro-architecture level (the psABI's, as GCC's -march
+# names them) needs; another -march (aarch64's, say) is trusted for the machine it was built on.
+_V2 = ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3")
+_V3 = (*_V2, "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
+_MARCH_FLAGS = {
+    "x86-64": (),
+    "x86-64-v2": _V2,
+    "x86-64-v3": _V3,
+    "x86-64-v4": (*_V3, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def _cflags(march: str) -> list[str]:
+    # -fopenmp: at::parallel_for runs on torch's OpenMP threads; the extension links the
+    # libgomp.so.1 torch has already loaded, so there is one thread pool.
+    return ["-O3", f"-march={march}", "-fopenmp"]
 
 
 @functools.cache
 def extension_available() -> bool:
-    """Build (or load the cached build of) the kernel once per process; False if that fails."""
+    """Load the prebuilt kernel, or build (or load the cached build of) it, once per process;
+    False if that fails."""
+    if _load_prebuilt():
+        return True
     from torch.utils import cpp_extension  # imports setuptools: only when needed
 
     _put_ninja_on_path()
@@ -50,9 +81,7 @@ def extension_available() -> bool:
             name=name,
             sources=[str(_SOURCE)],
             # -march=native: the build is local to the machine (and cache) that runs it.
-            # -fopenmp: at::parallel_for runs on torch's OpenMP threads; the extension links the
-            # libgomp.so.1 torch has already loaded, so there is one thread pool.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=_cflags("native"),
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
@@ -85,6 +114,95 @@ def _build_name() -> str:
         pass  # not Linux: the machine name alone
     digest = hashlib.sha256("\n".join(sorted(features)).encode()).hexdigest()[:12]
     return f"kvops_cpu_attention_{digest}"
+
+
+def _stamp(march: str) -> dict[str, str]:
+    """What a prebuilt kernel must match to be loaded: the C++ ABI is torch's own, so one build
+    serves one torch version, one source and one set of flags."""
+    return {
+        "march": march,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "source_sha256": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
+        "cflags": " ".join(_cflags(march)),
+    }
+
+
+def _prebuilt_name(march: str) -> str:
+    """Named after the CPU family it was built for, not the CPU it was built on."""
+    return "kvops_cpu_attention_" + "".join(c if c.isalnum() else "_" for c in march)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _load_prebuilt() -> bool:
+    """Load a kernel from $KVOPS_PREBUILT_KERNELS that this CPU, torch and source can use.
+
+    ``torch.ops.load_library`` only dlopens the file (``cpp_extension.load`` would take a lock
+    file in the build folder, which is read-only in a pod). Several families may sit side by
+    side; the highest x86-64 level sorts last and is tried first."""
+    directory = os.environ.get(PREBUILT_ENV)
+    if not directory:
+        return False
+    cpu_flags = None
+    for stamp_file in sorted(Path(directory).glob("kvops_cpu_attention_*.json"), reverse=True):
+        try:
+            stamp = json.loads(stamp_file.read_text())
+            march = stamp["march"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if stamp != _stamp(march):
+            log.info("kvops: prebuilt kernel %s is for another torch or source", stamp_file)
+            continue
+        if cpu_flags is None:
+            cpu_flags = _cpu_flags()
+        missing = set(_MARCH_FLAGS.get(march, ())) - cpu_flags
+        if missing:
+            log.info("kvops: this CPU lacks %s for the %s kernel", " ".join(sorted(missing)), march)
+            continue
+        library = stamp_file.with_suffix(".so")
+        try:
+            torch.ops.load_library(str(library))
+        except OSError as error:
+            log.warning("kvops: prebuilt kernel %s did not load (%s)", library, error)
+            continue
+        log.info("C++ CPU attention kernel prebuilt for %s loaded from %s", march, library)
+        return True
+    log.info("kvops: no usable prebuilt kernel in %s; building for this CPU", directory)
+    return False
+
+
+def build_prebuilt(directory: Path, march: str) -> Path:
+    """Build the kernel for the CPU family `march` (a GCC -march) into `directory`: the shared
+    library and the stamp `_load_prebuilt` checks, nothing else (the objects and ninja files
+    stay in a temporary folder). Loads it once, so the build machine must run `march` code."""
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    name = _prebuilt_name(march)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as build_dir:
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=_cflags(march),
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+            is_python_module=False,
+        )
+        library = directory / f"{name}.so"
+        shutil.copyfile(Path(build_dir) / f"{name}.so", library)
+    (directory / f"{name}.json").write_text(json.dumps(_stamp(march), indent=1) + "\n")
+    return library
 
 
 def _put_ninja_on_path() -> None:
@@ -162,3 +280,22 @@ def write_kv_cache(
     torch.ops.kvops.write_kv_cache_cpu(
         key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous()
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvops.worker.ops.cpu_attention",
+        description="Build the C++ CPU attention kernel ahead of time (container images).",
+    )
+    parser.add_argument("--build", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--march",
+        default=os.environ.get("KVOPS_KERNEL_MARCH", "x86-64-v3"),
+        help="GCC -march of the CPUs that will run it (x86-64-v3: AVX2, FMA; %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    print(build_prebuilt(args.build, args.march))
+
+
+if __name__ == "__main__":
+    main()
