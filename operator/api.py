@@ -259,6 +259,7 @@ class LLMDeploymentSpec(Spec):
     node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] = (
         Field(
             default_factory=dict,
+            max_length=32,
             json_schema_extra={
                 "x-kubernetes-validations": [
                     {
