@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
 SOURCES := pyproject.toml $(shell find worker proto operator -name '*.py' 2>/dev/null)
 
-.PHONY: setup run lint test bench proto tools cluster-up cluster-down crds
+.PHONY: setup run lint test test-fast e2e bench proto tools host-deps cluster-up cluster-down crds images
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,36 @@ lint: setup
 test: lint tools
 	$(BIN)/python -m pytest
 
-# Pinned etcd, Kubernetes control plane, kubectl, helm and kwok in .tools/bin (cached by version in
-# ~/.cache/kvops/tools: only the first run on a machine compiles: 15-35 minutes).
+# The inner loop: no tools, servers or cluster (everything not marked slow or cluster).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+# Debian packages for image builds and the real node (e2e/host-packages.txt); a no-op once present.
+HOST_PACKAGES = $(shell sed -e 's/\#.*//' e2e/host-packages.txt)
+host-deps:
+	@dpkg-query -W $(HOST_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(HOST_PACKAGES); }
+
+# The worker and operator images as OCI archives in ~/.cache/kvops/images ($KVOPS_IMAGES_CACHE),
+# built with buildah on a debootstrap base, no registry; cached by the hash of every input
+# (e2e/images/README.md). Prints {image reference: archive}; needs root.
+images: setup host-deps
+	$(BIN)/python e2e/images/build_images.py
+
+# Pinned etcd, Kubernetes control plane, kubelet, kube-proxy, kubectl, helm, kwok, containerd and
+# local-path-provisioner in .tools/bin (cached by version in ~/.cache/kvops/tools: only the first
+# run on a machine compiles: 20-40 minutes).
 tools:
 	$(PYTHON) e2e/tools/build_tools.py
 
-# A local control plane with fake GPU nodes for trying things by hand (state in .cluster/).
-cluster-up: setup tools
-	$(BIN)/python tests/controlplane.py up
+# A local cluster for trying things by hand (state in .cluster/): the control plane, fake GPU nodes
+# and one real node (containerd, kubelet, kube-proxy, a CNI bridge, local-path storage; needs root).
+# CLUSTER_UP_FLAGS=--no-real-node for the fake nodes only.
+cluster-up: setup tools host-deps
+	$(BIN)/python tests/controlplane.py up $(CLUSTER_UP_FLAGS)
 
+# Stops every component, the pods' containers and shims; unmounts, removes the bridge and the
+# iptables rules, restores the sysctls the node changed.
 cluster-down: setup
 	$(BIN)/python tests/controlplane.py down
 

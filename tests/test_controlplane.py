@@ -50,6 +50,9 @@ def namespace(kube_cluster: LocalControlPlane):
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
 def gpu_deployment(name: str, gpus: int) -> str:
     labels = {"app": name}
     container = {
@@ -65,7 +68,11 @@ def gpu_deployment(name: str, gpus: int) -> str:
             "spec": {
                 "replicas": 1,
                 "selector": {"matchLabels": labels},
-                "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    # As the operator's GPU pods: the fake nodes are tainted beside a real node.
+                    "spec": {"containers": [container], "tolerations": [GPU_TOLERATION]},
+                },
             },
         }
     )

@@ -27,6 +27,9 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.7.3"
 HELM_VERSION = "v3.22.0"
 KWOK_VERSION = "v0.8.0"
+# The real node's runtime and volume provisioner; runc and the CNI plugins come from Debian.
+CONTAINERD_VERSION = "v2.4.2"
+LOCAL_PATH_PROVISIONER_VERSION = "v0.0.30"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN_DIR = REPO_ROOT / ".tools" / "bin"
@@ -75,6 +78,8 @@ def tool_groups() -> list[ToolGroup]:
                     "kube-controller-manager",
                     "kube-scheduler",
                     "kubectl",
+                    "kubelet",
+                    "kube-proxy",
                 )
             },
             sibling_version=f"v0.{kube_minor_patch}",
@@ -96,6 +101,24 @@ def tool_groups() -> list[ToolGroup]:
             module="sigs.k8s.io/kwok",
             version=KWOK_VERSION,
             binaries={"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
+        ),
+        ToolGroup(
+            module="github.com/containerd/containerd/v2",
+            version=CONTAINERD_VERSION,
+            binaries={
+                name: f"github.com/containerd/containerd/v2/cmd/{name}"
+                for name in ("containerd", "containerd-shim-runc-v2", "ctr")
+            },
+            # Builds with CGO_ENABLED=0: that only leaves out the btrfs snapshotter (overlayfs
+            # is used) and containerd applies seccomp profiles without libseccomp.
+            ldflags=[
+                f"-X github.com/containerd/containerd/v2/version.Version={CONTAINERD_VERSION}"
+            ],
+        ),
+        ToolGroup(
+            module="github.com/rancher/local-path-provisioner",
+            version=LOCAL_PATH_PROVISIONER_VERSION,
+            binaries={"local-path-provisioner": "github.com/rancher/local-path-provisioner"},
         ),
     ]
 
@@ -173,13 +196,24 @@ def main() -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("KVOPS_TOOLS_CACHE") or DEFAULT_CACHE)
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="BINARY",
+        help="build and link only the groups holding these binaries (repeatable)",
+    )
     args = parser.parse_args()
     if shutil.which("go") is None:
         raise SystemExit("build_tools: the `go` command is needed to build the test tools")
     args.cache.mkdir(parents=True, exist_ok=True)
     args.bin_dir.mkdir(parents=True, exist_ok=True)
     os.nice(10)  # a cold build takes long on few cores: leave room for everything else
-    for group in tool_groups():
+    groups = [
+        group
+        for group in tool_groups()
+        if not args.only or any(name in group.binaries for name in args.only)
+    ]
+    for group in groups:
         cached = [args.cache / f"{name}-{group.version}" for name in group.binaries]
         if not all(path.is_file() for path in cached):
             print(f"building {group.module}@{group.version} (cold builds take minutes)", flush=True)

@@ -1,0 +1,296 @@
+"""The local cluster's real node (LocalControlPlane(real_node=True)) runs real pods.
+
+A kubelet with containerd and runc, the CNI bridge, kube-proxy and local-path-provisioner: pods
+run busybox images built here, read and write volumes, reach the API server through the
+`kubernetes` Service, and are reached by the host and by `kubectl port-forward`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+
+import pytest
+from controlplane import (
+    BUSYBOX_IMAGE,
+    NODE_NAME,
+    PAUSE_IMAGE,
+    ControlPlaneError,
+    LocalControlPlane,
+    node_image_archives,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+# What Pod Security's `restricted` level asks of every container.
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.fixture(scope="module")
+def real_cluster():
+    with LocalControlPlane(real_node=True) as plane:
+        yield plane
+
+
+@pytest.fixture
+def namespace(real_cluster: LocalControlPlane):
+    name = f"real-{uuid.uuid4().hex[:8]}"
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+        },
+    }
+    real_cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    wait_for(
+        "the namespace's default ServiceAccount",
+        lambda: _succeeds(real_cluster, "get", "serviceaccount", "default", "-n", name),
+    )
+    yield name
+    real_cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 90) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _succeeds(cluster: LocalControlPlane, *args: str) -> bool:
+    try:
+        cluster.kubectl(*args)
+    except ControlPlaneError:
+        return False
+    return True
+
+
+def get_json(cluster: LocalControlPlane, *args: str) -> dict:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))
+
+
+def busybox_pod(name: str, command: str, **spec: object) -> dict:
+    container = {
+        "name": "main",
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c", command],
+        "securityContext": RESTRICTED_CONTAINER,
+    }
+    container.update(spec.pop("container", {}))
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": RESTRICTED_POD,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [container],
+            **spec,
+        },
+    }
+
+
+def apply(cluster: LocalControlPlane, namespace: str, *objects: dict) -> None:
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+
+
+def wait_for_phase(
+    cluster: LocalControlPlane, namespace: str, name: str, phase: str, timeout: float = 90
+) -> dict:
+    def reached():
+        pod = get_json(cluster, "pod", name, "-n", namespace)
+        if pod["status"].get("phase") == "Failed" and phase != "Failed":
+            logs = cluster.kubectl("logs", "-n", namespace, name)
+            raise AssertionError(f"pod {name} failed: {pod['status']}\n{logs}")
+        return pod if pod["status"].get("phase") == phase else None
+
+    try:
+        return wait_for(f"pod {name} to be {phase}", reached, timeout)
+    except AssertionError:
+        print(cluster.kubectl("describe", "pod", name, "-n", namespace))
+        raise
+
+
+def test_real_node_is_ready_and_fake_gpu_nodes_are_tainted(real_cluster: LocalControlPlane):
+    node = get_json(real_cluster, "node", NODE_NAME)
+    assert "nvidia.com/gpu" not in node["status"]["allocatable"]
+    addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addresses["InternalIP"] == "10.88.0.1"
+    fake = [
+        n for n in get_json(real_cluster, "nodes")["items"] if n["metadata"]["name"] != NODE_NAME
+    ]
+    assert len(fake) == real_cluster.gpu_nodes
+    for n in fake:
+        assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in n["spec"][
+            "taints"
+        ]
+
+
+def test_imported_images_keep_their_names(real_cluster: LocalControlPlane):
+    real_cluster.import_image(node_image_archives()[BUSYBOX_IMAGE])  # again: a no-op
+    images = real_cluster.images()
+    assert PAUSE_IMAGE in images
+    assert BUSYBOX_IMAGE in images
+
+
+def test_restricted_namespace_rejects_a_pod_running_as_root(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    # (privileged: true is refused before that: the apiserver runs without --allow-privileged)
+    pod = busybox_pod("root", "true", securityContext={}, container={"securityContext": {}})
+    with pytest.raises(ControlPlaneError, match='violates PodSecurity "restricted:latest"'):
+        apply(real_cluster, namespace, pod)
+
+
+def test_restricted_pod_runs_to_completion_and_its_log_is_read(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    apply(real_cluster, namespace, busybox_pod("hello", "echo hello from $(hostname); id -u"))
+    pod = wait_for_phase(real_cluster, namespace, "hello", "Succeeded")
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    assert pod["status"]["podIP"].startswith("10.88.")
+    logs = real_cluster.kubectl("logs", "-n", namespace, "hello")
+    assert logs.splitlines() == ["hello from hello", "10001"]
+
+
+def test_pod_writes_into_a_dynamically_provisioned_volume(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        # No storageClassName: the default class (local-path) provisions it.
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+    }
+    pod = busybox_pod(
+        "writer",
+        "echo written > /data/file && cat /data/file && id -G",
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+        container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+    )
+    apply(real_cluster, namespace, claim, pod)
+    wait_for_phase(real_cluster, namespace, "writer", "Succeeded", timeout=120)
+    assert real_cluster.kubectl("logs", "-n", namespace, "writer").splitlines()[0] == "written"
+    claim = get_json(real_cluster, "pvc", "data", "-n", namespace)
+    assert claim["status"]["phase"] == "Bound"
+    assert claim["spec"]["storageClassName"] == "local-path"
+    volume = get_json(real_cluster, "pv", claim["spec"]["volumeName"])
+    path = (volume["spec"].get("hostPath") or volume["spec"]["local"])["path"]
+    assert path.startswith(str(real_cluster.state_dir))
+    with open(f"{path}/file") as written:
+        assert written.read() == "written\n"
+
+
+def test_pod_reaches_the_api_server_through_the_kubernetes_service(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    # No cluster DNS: the Service's address comes from the environment the kubelet sets.
+    # busybox's TLS cannot negotiate with the apiserver (handshake failure, alert 40), so the pod
+    # sends plain HTTP: Go's TLS server answers that with a 400 of its own, which shows the
+    # connection reached the apiserver through kube-proxy's rules for the Service.
+    command = (
+        "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+        r' && printf "GET /version HTTP/1.0\r\n\r\n"'
+        " | nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT"
+    )
+    apply(real_cluster, namespace, busybox_pod("api-client", command))
+    wait_for_phase(real_cluster, namespace, "api-client", "Succeeded")
+    logs = real_cluster.kubectl("logs", "-n", namespace, "api-client")
+    assert logs.splitlines()[0] == "10.96.0.1:443"
+    assert "Client sent an HTTP request to an HTTPS server." in logs
+
+
+def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    # busybox httpd serves from an emptyDir: the root filesystem is read-only.
+    server = busybox_pod(
+        "web",
+        "echo served > /www/index.html && exec httpd -f -p 8080 -h /www",
+        restartPolicy="Always",
+        volumes=[{"name": "www", "emptyDir": {}}],
+        container={
+            "volumeMounts": [{"name": "www", "mountPath": "/www"}],
+            "ports": [{"containerPort": 8080}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        },
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    apply(real_cluster, namespace, server, service)
+    pod = wait_for_phase(real_cluster, namespace, "web", "Running")
+    real_cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=60s"
+    )
+    pod = get_json(real_cluster, "pod", "web", "-n", namespace)
+
+    def get(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    assert get(f"http://{pod['status']['podIP']}:8080/") == "served\n"
+    cluster_ip = get_json(real_cluster, "service", "web", "-n", namespace)["spec"]["clusterIP"]
+    # kube-proxy programs the Service's rules shortly after its endpoints appear.
+    wait_for("the Service's ClusterIP to answer", lambda: _answers(f"http://{cluster_ip}/"), 30)
+    assert get(f"http://{cluster_ip}/") == "served\n"
+
+    forward = subprocess.Popen(
+        [
+            str(real_cluster.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(real_cluster.kubeconfig),
+            "port-forward",
+            "-n",
+            namespace,
+            "pod/web",
+            ":8080",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:NNNNN -> 8080"
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, f"unexpected port-forward output: {line!r}"
+        assert get(f"http://127.0.0.1:{match.group(1)}/") == "served\n"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
