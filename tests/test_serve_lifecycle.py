@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -146,3 +151,30 @@ def test_sigterm_finishes_the_running_request_then_exits_0(smollm2_engine):
         assert finish == "length"
         assert text == engine_answer(smollm2_engine, HELLO, 48, ignore_eos=True)
         assert server.wait(60) == 0
+
+
+def test_sigterm_while_the_model_loads_exits_at_once_even_as_pid_1():
+    """In a pod the worker is PID 1, which the kernel spares every signal it has no handler for:
+    a pod deleted during the model load must not wait out its grace period for SIGKILL. The
+    worker runs here as PID 1 of a PID namespace of its own (unshare, as root)."""
+    command = [
+        "unshare", "--pid", "--fork", "--kill-child", "--",
+        sys.executable, "-m", "kvops.worker.serve.cli", "serve", "--http-port", "0",
+        "--grpc-port", "0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        child = None
+        deadline = time.monotonic() + 60
+        while child is None and time.monotonic() < deadline:
+            # Once torch is mapped the worker is past its start-up and loading the model.
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            if children and "libtorch" in Path(f"/proc/{children[0]}/maps").read_text():
+                child = int(children[0])
+            time.sleep(0.05)
+        assert child is not None, "the worker never loaded torch"
+        os.kill(child, signal.SIGTERM)
+        assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -97,11 +98,19 @@ def check_serve_configuration(args: argparse.Namespace, server) -> str:
     return resolve_model(config.model)
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    os._exit(128 + signum)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import os
+    import signal
 
+    # In a container the worker is PID 1, and the kernel spares PID 1 every signal it has no
+    # handler for: without this, a pod deleted while the model loads waits out its whole grace
+    # period for SIGKILL. serve() replaces it with the draining handler once it listens.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from kvops.worker.serve.server import ServerOptions, serve
     from kvops.worker.serve.service import ServingOptions
 
