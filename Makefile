@@ -22,8 +22,16 @@ run: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-test: lint tools
+# Everything: lint, the tests (fake GPU nodes and a real node), then the end-to-end run on the real
+# node with the project's images. Needs root (Debian packages, containers, network namespaces).
+test: lint tools host-deps
 	$(BIN)/python -m pytest
+	$(MAKE) e2e
+
+# The images on a real node of the local cluster: the example answers through its Service, rolls,
+# restarts, drains; broken resources say why (e2e/test_real_pods.py).
+e2e: setup tools host-deps images
+	$(BIN)/python -m pytest e2e
 
 # The inner loop: no tools, servers or cluster (everything not marked slow or cluster).
 test-fast: setup
@@ -48,10 +56,11 @@ tools:
 	$(PYTHON) e2e/tools/build_tools.py
 
 # A local cluster for trying things by hand (state in .cluster/): the control plane, fake GPU nodes
-# and one real node (containerd, kubelet, kube-proxy, a CNI bridge, local-path storage; needs root).
+# and one real node (containerd, kubelet, kube-proxy, a CNI bridge, local-path storage; needs root)
+# with the worker and operator images imported.
 # CLUSTER_UP_FLAGS=--no-real-node for the fake nodes only.
-cluster-up: setup tools host-deps
-	$(BIN)/python tests/controlplane.py up $(CLUSTER_UP_FLAGS)
+cluster-up: setup tools host-deps images
+	$(BIN)/python tests/controlplane.py up --import-images $(CLUSTER_UP_FLAGS)
 
 # Stops every component, the pods' containers and shims; unmounts, removes the bridge and the
 # iptables rules, restores the sysctls the node changed.

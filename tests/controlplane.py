@@ -1152,7 +1152,19 @@ def _write_kubeconfig(path: Path, server: str, pki: dict[str, Path], user: str) 
 # -- cluster-up / cluster-down ------------------------------------------------------------------
 
 
-def _cluster_up(state_dir: Path, real_node: bool) -> None:
+def _import_project_images(plane: LocalControlPlane) -> None:
+    """The worker and operator images `make images` built (cached: seconds when unchanged), so
+    that resources naming the default images run on the real node without a registry."""
+    sys.path.insert(0, str(REPO_ROOT / "e2e" / "images"))
+    from build_images import build_images
+
+    for reference, archive in build_images().items():
+        started = time.monotonic()
+        plane.import_image(archive)
+        print(f"imported {reference} in {time.monotonic() - started:.0f} s")
+
+
+def _cluster_up(state_dir: Path, real_node: bool, import_images: bool) -> None:
     pids_file = state_dir / "pids.json"
     if pids_file.exists():
         raise SystemExit(f"a cluster is already up (state in {state_dir}); run `make cluster-down`")
@@ -1165,6 +1177,8 @@ def _cluster_up(state_dir: Path, real_node: bool) -> None:
     print(f"cluster up in {time.monotonic() - started:.1f} s at {plane.server}")
     if real_node:
         print(f"real node {NODE_NAME}; containerd at {plane.containerd_socket}")
+        if import_images:
+            _import_project_images(plane)
     print(f"export KUBECONFIG={plane.kubeconfig}")
 
 
@@ -1189,9 +1203,14 @@ def main() -> int:
         action="store_false",
         help="only kwok's fake GPU nodes (no kubelet, containerd, kube-proxy, storage)",
     )
+    parser.add_argument(
+        "--import-images",
+        action="store_true",
+        help="import the worker and operator images (e2e/images) into the real node",
+    )
     args = parser.parse_args()
     if args.action == "up":
-        _cluster_up(args.state_dir.resolve(), args.real_node)
+        _cluster_up(args.state_dir.resolve(), args.real_node, args.import_images)
     else:
         _cluster_down(args.state_dir.resolve())
     return 0
