@@ -9,20 +9,17 @@ and installs the CRDs, RBAC and the operator into a namespace that enforces Pod 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "e2e" / "images")]
+from kube_helpers import Namespace  # noqa: E402
 
 NAMESPACE = "kvops-e2e"
 CRD_NAMES = ["llmdeployments.kvops.io", "promptversions.kvops.io", "vectorindexes.kvops.io"]
@@ -51,57 +48,14 @@ def cluster(images):
         yield plane
 
 
-class Kube:
-    """kubectl in the e2e namespace, with bounded waits that explain themselves."""
+class Kube(Namespace):
+    """kubectl in the e2e namespace; a failed wait shows the operator pod's log."""
 
-    def __init__(self, cluster, namespace: str):
-        self.cluster = cluster
-        self.namespace = namespace
-
-    def __call__(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
-        return self.cluster.kubectl("-n", self.namespace, *args, input=input, timeout=timeout)
-
-    def apply(self, obj: dict[str, Any]) -> str:
-        return self("apply", "-f", "-", input=yaml.safe_dump(obj))
-
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+    def diagnostics(self) -> str:
         try:
-            return json.loads(self("get", kind, name, "-o", "json"))
-        except Exception as error:
-            if "NotFound" in str(error):
-                return None
-            raise
-
-    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        return json.loads(self("get", kind, "-l", selector, "-o", "json"))["items"]
-
-    def status(self, kind: str, name: str) -> dict[str, Any]:
-        return (self.get(kind, name) or {}).get("status") or {}
-
-    def wait(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(1)
-        pytest.fail(
-            f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n"
-            f"operator log:\n{self.operator_log()}"
-        )
-
-    def operator_log(self) -> str:
-        try:
-            return self("logs", "deployment/kvops-operator", "--tail=40")
+            return "operator log:\n" + self("logs", "deployment/kvops-operator", "--tail=40")
         except Exception as error:  # the log is a diagnostic: never hide the real failure
             return f"(no operator log: {error})"
-
-    def condition(self, kind: str, name: str, type_: str) -> dict[str, Any] | None:
-        for condition in self.status(kind, name).get("conditions", []):
-            if condition["type"] == type_:
-                return condition
-        return None
 
 
 @pytest.fixture(scope="session")

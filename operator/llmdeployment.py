@@ -629,13 +629,7 @@ def reconcile_owner(child: dict[str, Any]) -> None:
         reconcile(owner)
 
 
-@kopf.on.event("v1", "pods", labels={"kvops.io/llmdeployment": kopf.PRESENT})
-def on_worker_pod(body: kopf.Body, **_: Any) -> None:
-    """A worker pod changed (crashed, failed to pull, was scheduled): its owner's status says
-    so now. Pods are owned by ReplicaSets, so the LLMDeployment is found by its label."""
-    owner = kube.labelled_owner(kube.plain(body), "kvops.io/llmdeployment", "LLMDeployment")
-    if owner is not None:
-        reconcile(owner)
+kube.reconcile_on_pod_events("kvops.io/llmdeployment", "LLMDeployment", reconcile)
 
 
 # A child changed (pods became ready) or vanished (someone deleted it): reconcile its owner.

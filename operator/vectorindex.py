@@ -406,12 +406,7 @@ def reconcile_owner(child: dict[str, Any]) -> None:
         reconcile(owner)
 
 
-@kopf.on.event("v1", "pods", labels={"kvops.io/vectorindex": kopf.PRESENT})
-def on_index_pod(body: kopf.Body, **_: Any) -> None:
-    """A build or search pod changed: a stuck or failed one shows in the index's status now."""
-    owner = kube.labelled_owner(kube.plain(body), "kvops.io/vectorindex", "VectorIndex")
-    if owner is not None:
-        reconcile(owner)
+kube.reconcile_on_pod_events("kvops.io/vectorindex", "VectorIndex", reconcile)
 
 
 for _group_version, _plural in [

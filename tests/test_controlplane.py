@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 from controlplane import REPO_ROOT, LocalControlPlane
+from kube_helpers import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -22,16 +21,6 @@ def pinned_kubernetes_version() -> str:
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.KUBERNETES_VERSION
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def get_json(cluster: LocalControlPlane, *args: str) -> dict:

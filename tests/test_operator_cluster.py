@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_helpers import Namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -150,54 +151,15 @@ def operator(kube_cluster, namespace, tmp_path_factory):
     process.stop()
 
 
-class Kube:
-    """kubectl in the test namespace, with bounded waits that explain themselves."""
+class Kube(Namespace):
+    """kubectl in the test namespace; a failed wait shows the operator's log."""
 
     def __init__(self, cluster, namespace: str, operator: Operator):
-        self.cluster = cluster
-        self.namespace = namespace
+        super().__init__(cluster, namespace)
         self.operator = operator
 
-    def __call__(self, *args: str, input: str | None = None) -> str:
-        return self.cluster.kubectl("-n", self.namespace, *args, input=input)
-
-    def apply(self, obj: dict[str, Any]) -> str:
-        return self("apply", "-f", "-", input=yaml.safe_dump(obj))
-
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self("get", kind, name, "-o", "json"))
-        except Exception as error:
-            if "NotFound" in str(error):
-                return None
-            raise
-
-    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        return json.loads(self("get", kind, "-l", selector, "-o", "json"))["items"]
-
-    def refused(self, obj: dict[str, Any]) -> str:
-        """The API server's message when it rejects `obj` (fails the test if it is accepted)."""
-        try:
-            self.apply(obj)
-        except Exception as error:
-            return str(error)
-        pytest.fail(f"the API server accepted {obj['metadata']['name']}")
-
-    def wait(self, what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(0.5)
-        pytest.fail(
-            f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n"
-            f"operator log:\n{self.operator.log_tail()}"
-        )
-
-    def status(self, kind: str, name: str) -> dict[str, Any]:
-        return (self.get(kind, name) or {}).get("status") or {}
+    def diagnostics(self) -> str:
+        return f"operator log:\n{self.operator.log_tail()}"
 
     def wait_available(self, name: str, replicas: int) -> dict[str, Any]:
         def available():

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 
 import pytest
 from controlplane import (
@@ -24,6 +22,7 @@ from controlplane import (
     LocalControlPlane,
     node_image_archives,
 )
+from kube_helpers import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -66,16 +65,6 @@ def namespace(real_cluster: LocalControlPlane):
     )
     yield name
     real_cluster.kubectl("delete", "namespace", name, "--wait=false")
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 90) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _succeeds(cluster: LocalControlPlane, *args: str) -> bool:

@@ -1,0 +1,80 @@
+"""kubectl in one namespace and bounded waits, shared by the cluster tests and e2e/."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.5,
+    diagnostics: Callable[[], str] = lambda: "",
+) -> Any:
+    """`check()`'s first truthy result; fails the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(
+        f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n{diagnostics()}"
+    )
+
+
+class Namespace:
+    """kubectl (the cluster's pinned one) in one namespace."""
+
+    def __init__(self, cluster, namespace: str):
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
+        return self.cluster.kubectl("-n", self.namespace, *args, input=input, timeout=timeout)
+
+    def diagnostics(self) -> str:
+        """What a failed wait prints besides its own message."""
+        return ""
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
+        return wait_for(what, check, timeout, diagnostics=self.diagnostics)
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        return self("apply", "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self("get", kind, name, "-o", "json"))
+        except Exception as error:
+            if "NotFound" in str(error):
+                return None
+            raise
+
+    def items(self, kind: str, selector: str) -> list[dict[str, Any]]:
+        return json.loads(self("get", kind, "-l", selector, "-o", "json"))["items"]
+
+    def status(self, kind: str, name: str) -> dict[str, Any]:
+        return (self.get(kind, name) or {}).get("status") or {}
+
+    def condition(self, kind: str, name: str, type_: str) -> dict[str, Any] | None:
+        for condition in self.status(kind, name).get("conditions", []):
+            if condition["type"] == type_:
+                return condition
+        return None
+
+    def refused(self, obj: dict[str, Any]) -> str:
+        """The API server's message when it rejects `obj` (fails the test if it is accepted)."""
+        try:
+            self.apply(obj)
+        except Exception as error:
+            return str(error)
+        pytest.fail(f"the API server accepted {obj['metadata']['name']}")
