@@ -19,10 +19,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "e2e" / "images")]
-from kube_helpers import Namespace  # noqa: E402
+from kube_helpers import Namespace, install_crds, kvops_output  # noqa: E402
 
 NAMESPACE = "kvops-e2e"
-CRD_NAMES = ["llmdeployments.kvops.io", "promptversions.kvops.io", "vectorindexes.kvops.io"]
 
 
 def pytest_collection_modifyitems(items):
@@ -66,18 +65,8 @@ def kube(cluster) -> Kube:
     namespace = {"apiVersion": "v1", "kind": "Namespace"}
     namespace["metadata"] = {"name": NAMESPACE, "labels": labels}
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout=60s", *[f"crd/{c}" for c in CRD_NAMES]
-    )
-    manifests = subprocess.run(
-        [sys.executable, "-m", "kvops.worker.serve.cli", "manifests", "--namespace", NAMESPACE],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=manifests)
+    install_crds(cluster)
+    cluster.kubectl("apply", "-f", "-", input=kvops_output("manifests", "--namespace", NAMESPACE))
     kube = Kube(cluster, NAMESPACE)
     kube("rollout", "status", "deployment/kvops-operator", "--timeout=180s", timeout=200)
     return kube

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+CRDS = Path(__file__).resolve().parent.parent / "crds"
+
+
+def install_crds(cluster) -> None:
+    """Every CRD of crds/ (ours and kopf's peering), established."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
+    names = [
+        f"crd/{path.stem.split('_', 1)[1]}.{path.stem.split('_', 1)[0]}"
+        for path in sorted(CRDS.glob("*_*.yaml"))
+    ]
+    cluster.kubectl("wait", "--for", "condition=Established", "--timeout=60s", *names)
+
+
+def kvops_output(*args: str) -> str:
+    """What the installed `kvops` prints (manifests for kubectl)."""
+    command = [sys.executable, "-m", "kvops.worker.serve.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
 
 
 def wait_for(

@@ -19,19 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kube_helpers import Namespace
+from kube_helpers import Namespace, install_crds, kvops_output
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 90.0
-CRD_NAMES = [
-    "llmdeployments.kvops.io",
-    "promptversions.kvops.io",
-    "vectorindexes.kvops.io",
-    "kopfpeerings.kopf.dev",
-    "clusterkopfpeerings.kopf.dev",
-]
 
 
 def free_port() -> int:
@@ -111,23 +104,13 @@ class Operator:
 def namespace(kube_cluster) -> str:
     name = f"kvops-op-{uuid.uuid4().hex[:6]}"
     kube_cluster.kubectl("create", "namespace", name)
-    kube_cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    kube_cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout=60s", *[f"crd/{c}" for c in CRD_NAMES]
-    )
+    install_crds(kube_cluster)
     return name
 
 
 def service_account_kubeconfig(cluster, namespace: str, folder: Path) -> Path:
     """A kubeconfig that acts as the operator's ServiceAccount (`kvops rbac`), not as admin."""
-    rbac = subprocess.run(
-        [sys.executable, "-m", "kvops.worker.serve.cli", "rbac", "--namespace", namespace],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=rbac)
+    cluster.kubectl("apply", "-f", "-", input=kvops_output("rbac", "--namespace", namespace))
     token = cluster.kubectl(
         "create", "token", "kvops-operator", "-n", namespace, "--duration", "2h"
     ).strip()
