@@ -295,3 +295,12 @@ def test_the_example_vector_index_is_refused_with_a_reason(kube):
     assert kube.items("jobs", "kvops.io/vectorindex=product-docs") == []
     assert kube.get("pvc", "product-docs-index") is None
     kube("delete", "vidx", "product-docs", "--wait=false")
+
+
+def test_the_operator_runs_from_its_own_image_without_torch(kube):
+    [pod] = kube.items("pods", "app.kubernetes.io/name=kvops-operator")
+    assert pod["spec"]["containers"][0]["image"] == "ghcr.io/kvops/kvops-operator:0.1.0"
+    assert pod["spec"]["nodeName"] == "kvops-node-0"
+    probe = "import importlib.util; print(importlib.util.find_spec('torch') is None)"
+    found = kube("exec", pod["metadata"]["name"], "--", "python", "-c", probe)
+    assert found.strip() == "True"  # the operator image installs kvops[operator] only
