@@ -86,9 +86,13 @@ class ModelSource(Spec):
         description="hf://org/name@revision, pvc://claim/path, s3://bucket/prefix or "
         "builtin://smollm2",
     )
-    format: Literal["auto", "safetensors", "gguf"] = "auto"
+    format: Literal["auto", "safetensors", "gguf"] = Field(
+        "auto", description="This release tells the format from the files: other values are refused"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    quantization: Literal["none", "q8_0", "q4_0"] = "none"
+    quantization: Literal["none", "q8_0", "q4_0"] = Field(
+        "none", description="This release runs weights in dtype: other values are refused"
+    )
     served_name: str | None = Field(
         None, max_length=253, description="The model name clients send; the resource's by default"
     )

@@ -542,6 +542,18 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
     message = source_problem(spec.model.source)
     if message is not None:
         return spec, Problem("UnsupportedModelSource", message)
+    if spec.model.quantization != "none":
+        return spec, Problem(
+            "UnsupportedQuantization",
+            f"model.quantization {spec.model.quantization}: this kvops worker runs weights in "
+            "model.dtype only; set quantization none",
+        )
+    if spec.model.format != "auto":
+        return spec, Problem(
+            "UnsupportedFormat",
+            f"model.format {spec.model.format}: this kvops worker tells the format from the files "
+            "(config.json with *.safetensors, or a .gguf file); set format auto",
+        )
     return spec, None
 
 

@@ -142,3 +142,13 @@ def test_sources_the_worker_cannot_load_and_bad_names_are_refused_before_any_app
     assert problem.reason == "UnsupportedModelSource" and "hf://" in problem.message
     body["metadata"]["name"] = "x" * 64
     assert "at most 63 characters" in llmdeployment.spec_problem(body)[1].message
+
+
+def test_model_settings_the_worker_does_not_honour_are_refused():
+    body = {"metadata": {"name": "chat", "namespace": "team"}, "spec": {"model": {}}}
+    body["spec"]["model"] = {"source": "builtin://smollm2", "quantization": "q4_0"}
+    assert llmdeployment.spec_problem(body)[1].reason == "UnsupportedQuantization"
+    body["spec"]["model"] = {"source": "builtin://smollm2", "format": "safetensors"}
+    assert llmdeployment.spec_problem(body)[1].reason == "UnsupportedFormat"
+    body["spec"]["model"] = {"source": "pvc://models/llama", "dtype": "float16"}
+    assert llmdeployment.spec_problem(body)[1] is None
