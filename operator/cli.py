@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def crds_command(args: argparse.Namespace) -> int:
-    from kvops.operator.api import crd_documents
+    from kvops.operator.crd import crd_documents
 
     documents = crd_documents()
     if args.output_dir is None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# The worker's parser builds without torch or kopf: the operator image has neither torch nor
+# the worker's dependencies.
+from kvops.worker.serve.cli import build_parser
+
 
 class _RefusingParser(argparse.ArgumentParser):
     """argparse that raises instead of printing and exiting."""
@@ -34,8 +38,6 @@ def containers(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def command_problem(container: dict[str, Any]) -> str | None:
     """Why the worker image's `kvops` would refuse this container's command line, if it would."""
-    from kvops.worker.serve.cli import build_parser  # builds without torch or kopf
-
     command = [*container.get("command", []), *container.get("args", [])]
     if command[:1] != ["kvops"]:
         return f"container {container['name']} runs {command[:1]}, not kvops"

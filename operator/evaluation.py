@@ -10,7 +10,7 @@ import urllib.request
 from typing import Any
 
 from kvops.operator.api import Assertion, PromptVersionSpec
-from kvops.operator.promptversion import render_messages
+from kvops.operator.prompts import render_messages
 
 REQUEST_TIMEOUT_S = 120.0
 # Failures kept in status, so that one bad dataset cannot bloat the object.

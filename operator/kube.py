@@ -16,14 +16,19 @@ from typing import Any
 
 import kopf
 
+from kvops.operator.api import API_VERSION
+from kvops.operator.metrics import measured
+
 FIELD_MANAGER = "kvops-operator"
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 
 _client_lock = threading.Lock()
 _client: Any = None
 # Reconciles of one object are serialized (kopf handlers and child events run in threads); a
-# fixed set of locks picked by uid keeps memory bounded. Callers must not nest them.
-_object_locks = [threading.Lock() for _ in range(64)]
+# fixed set of locks picked by uid keeps memory bounded. They are reentrant because a
+# PromptVersion reconcile re-renders LLMDeployments under its own lock (two uids may share a
+# lock); the order is always PromptVersion, then LLMDeployment, never the reverse.
+_object_locks = [threading.RLock() for _ in range(64)]
 
 
 def now() -> str:
@@ -62,35 +67,14 @@ def post_phase_change(
 
 
 def warn_on_new_problem(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """A Warning Event when condition `type_` is about to turn True with a new reason or message,
-    so a repeated reconcile of the same problem does not flood the resource's events."""
+    """A Warning Event when condition `type_` is about to report a problem with a new reason or
+    message, so a repeated reconcile of the same problem does not flood the resource's events."""
     previous = next(
         (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == type_),
         None,
     )
-    if previous is None or (
-        previous.get("status"),
-        previous.get("reason"),
-        previous.get("message"),
-    ) != (
-        "True",
-        reason,
-        message,
-    ):
+    if previous is None or (previous.get("reason"), previous.get("message")) != (reason, message):
         kopf.event(body, type="Warning", reason=reason, message=message)
-
-
-def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:
-    """A reference-shaped stub of the child's owner of this kind (reconcile re-reads it)."""
-    for ref in child["metadata"].get("ownerReferences", []):
-        if ref.get("apiVersion") == api_version and ref.get("kind") == kind:
-            metadata = {
-                "name": ref["name"],
-                "namespace": child["metadata"]["namespace"],
-                "uid": ref["uid"],
-            }
-            return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
-    return None
 
 
 def reconcile_on_pod_events(
@@ -99,7 +83,6 @@ def reconcile_on_pod_events(
     """Register a kopf handler: a pod carrying `label` changed (crashed, failed to pull, was
     scheduled), so the resource of `kind` named by that label reconciles and its status says so
     now. Pods are owned by ReplicaSets and Jobs, not by our resources: the label finds them."""
-    from kvops.operator.api import API_VERSION
 
     def on_pod(body: kopf.Body, **_: Any) -> None:
         pod = plain(body)
@@ -251,6 +234,18 @@ def patch_status(obj: dict[str, Any], status: dict[str, Any]) -> None:
         _dynamic().request(
             "patch", path, body={"status": status}, content_type="application/merge-patch+json"
         )
+
+
+@contextlib.contextmanager
+def reconciling(obj: dict[str, Any], kind: str) -> Iterator[dict[str, Any] | None]:
+    """The skeleton of every kind's reconcile: hold the object's lock, read it afresh, yield None
+    once it is gone or being deleted, and count and time the reconcile."""
+    with exclusive(obj) as current:
+        if current is None or current["metadata"].get("deletionTimestamp"):
+            yield None
+            return
+        with measured(kind):
+            yield current
 
 
 @contextlib.contextmanager

@@ -13,13 +13,17 @@ import kopf
 from kvops.operator import contract, diagnosis, kube
 from kvops.operator.api import API_VERSION, LLMDeploymentSpec, name_problem
 from kvops.operator.diagnosis import Problem
-from kvops.operator.metrics import measured
+from kvops.operator.pods import (
+    GRPC_PORT,
+    HTTP_PORT,
+    http_probe,
+    restricted_container_security,
+    restricted_pod_security,
+)
+from kvops.operator.prompts import holder_of_label
 
-HTTP_PORT = 8000
-GRPC_PORT = 50051
 PROMPTS_DIR = "/etc/kvops/prompts"
 MODELS_DIR = "/models"
-RUN_AS_USER = 10001
 # The root filesystem is read-only: everything the worker writes (kernel and compiler caches,
 # downloads) goes to the `cache` emptyDir. The worker image sets the same defaults.
 CACHE_DIR = "/cache"
@@ -144,35 +148,6 @@ def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict
         else:
             env.append({"name": var.name, "value": var.value})
     return env
-
-
-def restricted_container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def restricted_pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS_USER,
-        "runAsGroup": RUN_AS_USER,
-        "fsGroup": RUN_AS_USER,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": "http"},
-        "periodSeconds": period,
-        "failureThreshold": failures,
-        "timeoutSeconds": 5,
-    }
 
 
 def compute_resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
@@ -574,8 +549,6 @@ def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, 
     """For each (prompt, label) the deployment references, the valid version that holds it."""
     if not spec.prompts:
         return {}
-    from kvops.operator.promptversion import holder_of_label
-
     all_versions = kube.list_objects(API_VERSION, "PromptVersion", namespace)
     resolved = {}
     for ref in spec.prompts:
@@ -587,39 +560,38 @@ def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, 
 
 def reconcile(body: dict[str, Any]) -> None:
     """Bring the children and the status in line with the spec; safe to repeat at any time."""
-    with kube.exclusive(body) as current:
-        if current is None or current["metadata"].get("deletionTimestamp"):
+    with kube.reconciling(body, "LLMDeployment") as current:
+        if current is None:
             return
         body = current
-        with measured("LLMDeployment"):
-            name = body["metadata"]["name"]
-            namespace = body["metadata"]["namespace"]
-            spec, problem = spec_problem(body)
-            deployment = None
-            if problem is None:
-                children, stale = render(body, spec, resolve_prompts(namespace, spec))
-                problem_text = contract.children_problem(children)
-                if problem_text is not None:
-                    problem = Problem("UnsupportedCommand", problem_text)
-            if problem is None:
-                try:
-                    applied = {child["kind"]: kube.apply(child) for child in children}
-                except kube.ChildRefused as refusal:
-                    problem = Problem("ChildRefused", str(refusal))
-                else:
-                    deployment = applied["Deployment"]
-                    for api_version, kind, stale_name in stale:
-                        kube.delete(api_version, kind, stale_name, namespace)
-                    problem = pods_problem(namespace, name)
-            if deployment is None:  # nothing applied: report what runs from an earlier spec
-                deployment = kube.get("apps/v1", "Deployment", name, namespace)
-            status = render_status(body, spec, deployment, problem)
-            if status["phase"] == "Degraded":
-                degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-                kube.warn_on_new_problem(body, "Degraded", degraded["reason"], degraded["message"])
+        name = body["metadata"]["name"]
+        namespace = body["metadata"]["namespace"]
+        spec, problem = spec_problem(body)
+        deployment = None
+        if problem is None:
+            children, stale = render(body, spec, resolve_prompts(namespace, spec))
+            problem_text = contract.children_problem(children)
+            if problem_text is not None:
+                problem = Problem("UnsupportedCommand", problem_text)
+        if problem is None:
+            try:
+                applied = {child["kind"]: kube.apply(child) for child in children}
+            except kube.ChildRefused as refusal:
+                problem = Problem("ChildRefused", str(refusal))
             else:
-                kube.post_phase_change(body, status, warning=False, reason=status["phase"])
-            kube.patch_status(body, status)
+                deployment = applied["Deployment"]
+                for api_version, kind, stale_name in stale:
+                    kube.delete(api_version, kind, stale_name, namespace)
+                problem = pods_problem(namespace, name)
+        if deployment is None:  # nothing applied: report what runs from an earlier spec
+            deployment = kube.get("apps/v1", "Deployment", name, namespace)
+        status = render_status(body, spec, deployment, problem)
+        if status["phase"] == "Degraded":
+            degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+            kube.warn_on_new_problem(body, "Degraded", degraded["reason"], degraded["message"])
+        else:
+            kube.post_phase_change(body, status, warning=False, reason=status["phase"])
+        kube.patch_status(body, status)
 
 
 @kopf.on.resume(API_VERSION, "llmdeployments")

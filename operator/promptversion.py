@@ -4,88 +4,13 @@ ConfigMaps of the LLMDeployments that reference a moved label."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
-import jinja2
 import kopf
-from jinja2 import meta, sandbox
 
-from kvops.operator import kube
+from kvops.operator import evaluation, kube, llmdeployment
 from kvops.operator.api import API_VERSION, PromptVersionSpec
-from kvops.operator.metrics import measured
-
-_ENVIRONMENT = sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
-
-
-def template_error(spec: PromptVersionSpec) -> str | None:
-    """Why the template cannot render with its declared variables, naming the message; or None."""
-    declared = {variable.name for variable in spec.variables}
-    sample = {
-        variable.name: variable.default or f"<{variable.name}>" for variable in spec.variables
-    }
-    for index, message in enumerate(spec.template):
-        where = f"template[{index}].content"
-        try:
-            parsed = _ENVIRONMENT.parse(message.content)
-        except jinja2.TemplateSyntaxError as error:
-            return f"{where}: line {error.lineno}: {error.message}"
-        undeclared = sorted(meta.find_undeclared_variables(parsed) - declared)
-        if undeclared:
-            return f"{where}: undeclared variables {', '.join(undeclared)} (add them to variables)"
-        try:
-            _ENVIRONMENT.from_string(message.content).render(sample)
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError) as error:
-            return f"{where}: {type(error).__name__}: {error}"
-    return None
-
-
-def render_messages(spec: PromptVersionSpec, inputs: dict[str, str]) -> list[dict[str, str]]:
-    """The chat messages for `inputs` (defaults fill the gaps); ValueError names what is missing."""
-    values = {v.name: v.default for v in spec.variables if v.default is not None} | inputs
-    missing = [v.name for v in spec.variables if v.required and v.name not in values]
-    if missing:
-        raise ValueError(f"missing required variables: {', '.join(missing)}")
-    return [
-        {"role": m.role, "content": _ENVIRONMENT.from_string(m.content).render(values)}
-        for m in spec.template
-    ]
-
-
-def content_hash(spec: PromptVersionSpec) -> str:
-    """sha256 over what changes the model's input: template, variables and model parameters."""
-    content = spec.model_dump(
-        mode="json", by_alias=True, include={"template", "variables", "model_parameters"}
-    )
-    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def holder_of_label(versions: list[dict[str, Any]], prompt: str, label: str) -> dict | None:
-    """The valid version of `prompt` that holds `label`; the newest if a move is half done."""
-    holders = [
-        v
-        for v in versions
-        if v["spec"].get("promptName") == prompt
-        and label in v["spec"].get("labels", [])
-        and (v.get("status") or {}).get("valid") is True
-        and not v["metadata"].get("deletionTimestamp")
-    ]
-    return max(holders, key=lambda v: v["metadata"]["creationTimestamp"], default=None)
-
-
-def users_of(
-    version: dict[str, Any], versions: list[dict[str, Any]], deployments: list[dict[str, Any]]
-) -> list[str]:
-    """Names of the LLMDeployments whose prompt references resolve to `version`."""
-    users = []
-    for deployment in deployments:
-        for ref in deployment["spec"].get("prompts", []):
-            holder = holder_of_label(versions, ref["name"], ref.get("label", "production"))
-            if holder is not None and holder["metadata"]["uid"] == version["metadata"]["uid"]:
-                users.append(deployment["metadata"]["name"])
-                break
-    return sorted(users)
+from kvops.operator.prompts import content_hash, template_error, users_of
 
 
 def render_status(body: dict[str, Any], spec: PromptVersionSpec) -> dict[str, Any]:
@@ -140,8 +65,6 @@ def claim_labels(body: dict[str, Any], versions: list[dict[str, Any]]) -> None:
 
 def refresh_deployments(namespace: str, prompt: str) -> None:
     """Re-render the LLMDeployments that reference `prompt` (their prompt ConfigMaps)."""
-    from kvops.operator import llmdeployment
-
     for deployment in kube.list_objects(API_VERSION, "LLMDeployment", namespace):
         if any(ref["name"] == prompt for ref in deployment["spec"].get("prompts", [])):
             llmdeployment.reconcile(deployment)
@@ -149,8 +72,6 @@ def refresh_deployments(namespace: str, prompt: str) -> None:
 
 def evaluate_if_due(body: dict[str, Any], spec: PromptVersionSpec, endpoint_template: str) -> None:
     """Run the evaluation once per content and target; retried while the target is not up."""
-    from kvops.operator import evaluation  # it imports this module
-
     if spec.evaluation is None:
         return
     target = spec.evaluation.llm_deployment
@@ -188,14 +109,31 @@ def evaluate_if_due(body: dict[str, Any], spec: PromptVersionSpec, endpoint_temp
     )
 
 
+def invalid_status(body: dict[str, Any], message: str) -> dict[str, Any]:
+    """Status of a spec the models refuse (only when the CRD's own validation was bypassed)."""
+    generation = body["metadata"].get("generation")
+    previous = (body.get("status") or {}).get("conditions") or []
+    ready = kube.condition(previous, "Ready", False, "InvalidSpec", message, generation)
+    return {
+        "observedGeneration": generation,
+        "valid": False,
+        "error": message,
+        "conditions": [ready],
+    }
+
+
 def reconcile(body: dict[str, Any], claim: bool, endpoint_template: str) -> None:
-    if body["metadata"].get("deletionTimestamp"):
-        return
-    with measured("PromptVersion"):
+    with kube.reconciling(body, "PromptVersion") as current:
+        if current is None:
+            return
+        body = current
         try:
             spec = PromptVersionSpec.model_validate(body["spec"])
         except ValueError as error:
-            raise kopf.PermanentError(f"invalid spec: {error}") from error
+            status = invalid_status(body, f"invalid spec: {error}")
+            kube.warn_on_new_problem(body, "Ready", "InvalidSpec", status["error"])
+            kube.patch_status(body, status)
+            return
         namespace = body["metadata"]["namespace"]
         status = render_status(body, spec)
         old_valid = (body.get("status") or {}).get("valid")
@@ -214,9 +152,9 @@ def reconcile(body: dict[str, Any], claim: bool, endpoint_template: str) -> None
             claim_labels(body, versions)
             versions = kube.list_objects(API_VERSION, "PromptVersion", namespace)
         refresh_deployments(namespace, spec.prompt_name)
-        current = next(v for v in versions if v["metadata"]["uid"] == body["metadata"]["uid"])
+        mine = next(v for v in versions if v["metadata"]["uid"] == body["metadata"]["uid"])
         deployments = kube.list_objects(API_VERSION, "LLMDeployment", namespace)
-        kube.patch_status(body, {"usedBy": users_of(current, versions, deployments)})
+        kube.patch_status(body, {"usedBy": users_of(mine, versions, deployments)})
         if status["valid"]:
             evaluate_if_due(body, spec, endpoint_template)
 

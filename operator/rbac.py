@@ -8,6 +8,7 @@ from typing import Any
 
 from kvops.operator.api import GROUP, OPERATOR_IMAGE, RESOURCES
 from kvops.operator.kube import FIELD_MANAGER
+from kvops.operator.pods import restricted_container_security, restricted_pod_security
 
 NAME = FIELD_MANAGER
 # Server-side apply creates a missing object and patches an existing one.
@@ -129,13 +130,7 @@ def operator_deployment(namespace: str, clusterwide: bool, image: str) -> dict[s
             "requests": {"cpu": "100m", "memory": "256Mi"},
             "limits": {"memory": "512Mi"},
         },
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     return {
@@ -157,12 +152,7 @@ def operator_deployment(namespace: str, clusterwide: bool, image: str) -> dict[s
                 },
                 "spec": {
                     "serviceAccountName": NAME,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "runAsGroup": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": restricted_pod_security(),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },

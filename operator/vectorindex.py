@@ -14,14 +14,13 @@ import kopf
 from kvops.operator import contract, diagnosis, kube
 from kvops.operator.api import API_VERSION, VectorIndexSpec, name_problem
 from kvops.operator.diagnosis import Problem
-from kvops.operator.llmdeployment import (
+from kvops.operator.pods import (
     GRPC_PORT,
     HTTP_PORT,
     http_probe,
     restricted_container_security,
     restricted_pod_security,
 )
-from kvops.operator.metrics import measured
 
 INDEX_DIR = "/index"
 SOURCE_DIR = "/source"
@@ -352,40 +351,37 @@ def apply_children(
 
 
 def reconcile(body: dict[str, Any]) -> None:
-    with kube.exclusive(body) as current:
-        if current is None or current["metadata"].get("deletionTimestamp"):
+    with kube.reconciling(body, "VectorIndex") as current:
+        if current is None:
             return
         body = current
-        with measured("VectorIndex"):
-            name = body["metadata"]["name"]
-            namespace = body["metadata"]["namespace"]
-            spec, problem = spec_problem(body)
-            job, result = None, {}
-            if problem is None:
-                job, problem = apply_children(body, spec)
-            if job is not None:
-                build_pods = kube.list_objects(
-                    "v1", "Pod", namespace, f"job-name={job['metadata']['name']}"
-                )
-                result = build_result(build_pods)
-                pods = kube.list_objects("v1", "Pod", namespace, f"kvops.io/vectorindex={name}")
-                events = []
-                if diagnosis.needs_events(pods):
-                    events = kube.list_objects(
-                        "v1", "Event", namespace, field_selector="type=Warning"
-                    )
-                problem = diagnosis.pod_problem(pods, events)
-            status = render_status(body, spec, job, result, problem)
-            if problem is not None and status["phase"] == "Failed":
-                kube.warn_on_new_problem(body, "Degraded", problem.reason, problem.message)
-            else:
-                kube.post_phase_change(
-                    body,
-                    status,
-                    warning=status["phase"] == "Failed",
-                    reason=status["conditions"][0]["reason"],
-                )
-            kube.patch_status(body, status)
+        name = body["metadata"]["name"]
+        namespace = body["metadata"]["namespace"]
+        spec, problem = spec_problem(body)
+        job, result = None, {}
+        if problem is None:
+            job, problem = apply_children(body, spec)
+        if job is not None:
+            build_pods = kube.list_objects(
+                "v1", "Pod", namespace, f"job-name={job['metadata']['name']}"
+            )
+            result = build_result(build_pods)
+            pods = kube.list_objects("v1", "Pod", namespace, f"kvops.io/vectorindex={name}")
+            events = []
+            if diagnosis.needs_events(pods):
+                events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
+            problem = diagnosis.pod_problem(pods, events)
+        status = render_status(body, spec, job, result, problem)
+        if problem is not None and status["phase"] == "Failed":
+            kube.warn_on_new_problem(body, "Degraded", problem.reason, problem.message)
+        else:
+            kube.post_phase_change(
+                body,
+                status,
+                warning=status["phase"] == "Failed",
+                reason=status["conditions"][0]["reason"],
+            )
+        kube.patch_status(body, status)
 
 
 @kopf.on.resume(API_VERSION, "vectorindexes")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kvops.operator import api
+from kvops.operator import api, crd
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = {r.kind: r.spec for r in api.RESOURCES}
@@ -31,7 +31,7 @@ def walk(schema: dict[str, Any], path: str = ""):
 
 
 def test_committed_crds_match_the_generator():
-    for name, text in api.crd_documents().items():
+    for name, text in crd.crd_documents().items():
         committed = ROOT / "crds" / name
         assert committed.exists(), f"crds/{name} is missing: run `make crds`"
         assert committed.read_text() == text, f"crds/{name} is stale: run `make crds`"
@@ -39,7 +39,7 @@ def test_committed_crds_match_the_generator():
 
 @pytest.mark.parametrize("resource", api.RESOURCES, ids=lambda r: r.kind)
 def test_schemas_are_structural(resource):
-    schema = api.crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema = crd.crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     refused = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "title", "const"}
     for path, node in walk(schema):
         assert not refused & node.keys(), f"{path}: {refused & node.keys()}"
@@ -56,7 +56,7 @@ def test_schemas_are_structural(resource):
 
 
 def test_schema_details_kubernetes_relies_on():
-    llmd = api.crd(api.RESOURCE_BY_KIND["LLMDeployment"])
+    llmd = crd.crd(api.RESOURCE_BY_KIND["LLMDeployment"])
     version = llmd["spec"]["versions"][0]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["model"]
@@ -72,12 +72,12 @@ def test_schema_details_kubernetes_relies_on():
     assert llmd["spec"]["names"]["shortNames"] == ["llmd"]
     assert llmd["spec"]["names"]["categories"] == ["kvops"]
 
-    pver = api.crd(api.RESOURCE_BY_KIND["PromptVersion"])
+    pver = crd.crd(api.RESOURCE_BY_KIND["PromptVersion"])
     template = pver["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
         "properties"
     ]["template"]
     assert template["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
-    vidx = api.crd(api.RESOURCE_BY_KIND["VectorIndex"])
+    vidx = crd.crd(api.RESOURCE_BY_KIND["VectorIndex"])
     chunking = vidx["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
         "properties"
     ]["chunking"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvops.operator import kube, llmdeployment, promptversion, vectorindex
+from kvops.operator import kube, llmdeployment, prompts, promptversion, vectorindex
 from kvops.operator.api import LLMDeploymentSpec, PromptVersionSpec, VectorIndexSpec
 
 
@@ -193,9 +193,9 @@ def test_label_holder_is_the_newest_valid_version():
     new = prompt_version("support-v2", ["production"], created="2026-01-02T00:00:00Z")
     broken = prompt_version("support-v3", ["production"], valid=False, created="2026-01-03T00:00Z")
     versions = [old, new, broken]
-    assert promptversion.holder_of_label(versions, "support", "production") is new
-    assert promptversion.holder_of_label(versions, "support", "canary") is None
-    assert promptversion.holder_of_label(versions, "other", "production") is None
+    assert prompts.holder_of_label(versions, "support", "production") is new
+    assert prompts.holder_of_label(versions, "support", "canary") is None
+    assert prompts.holder_of_label(versions, "other", "production") is None
 
 
 def pv_spec(content: str, variables=("question",)) -> PromptVersionSpec:
@@ -221,17 +221,17 @@ def pv_spec(content: str, variables=("question",)) -> PromptVersionSpec:
     ],
 )
 def test_template_errors_name_the_message(content, expected):
-    assert expected in promptversion.template_error(pv_spec(content))
+    assert expected in prompts.template_error(pv_spec(content))
 
 
 def test_valid_template_and_content_hash():
     spec = pv_spec("Answer: {{ question | upper }}")
-    assert promptversion.template_error(spec) is None
-    assert promptversion.content_hash(spec).startswith("sha256:")
-    assert promptversion.content_hash(spec) == promptversion.content_hash(
+    assert prompts.template_error(spec) is None
+    assert prompts.content_hash(spec).startswith("sha256:")
+    assert prompts.content_hash(spec) == prompts.content_hash(
         pv_spec("Answer: {{ question | upper }}")
     )
-    assert promptversion.content_hash(spec) != promptversion.content_hash(pv_spec("{{ question }}"))
+    assert prompts.content_hash(spec) != prompts.content_hash(pv_spec("{{ question }}"))
     status = promptversion.render_status(owner("PromptVersion", {}), spec)
     assert status["valid"] is True and status["conditions"][0]["status"] == "True"
 
@@ -428,7 +428,7 @@ def test_evaluation_requests_render_the_template_with_defaults_and_parameters():
         "stop": ["\n"],
     }
     with pytest.raises(ValueError, match="missing required variables: question"):
-        promptversion.render_messages(evaluated_spec(), {})
+        prompts.render_messages(evaluated_spec(), {})
 
 
 def test_evaluation_assertions():
