@@ -77,6 +77,19 @@ def warn_on_new_problem(body: dict[str, Any], type_: str, reason: str, message: 
         kopf.event(body, type="Warning", reason=reason, message=message)
 
 
+def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:
+    """A reference-shaped stub of the child's owner of this kind (reconcile re-reads it)."""
+    for ref in child["metadata"].get("ownerReferences", []):
+        if ref.get("apiVersion") == api_version and ref.get("kind") == kind:
+            metadata = {
+                "name": ref["name"],
+                "namespace": child["metadata"]["namespace"],
+                "uid": ref["uid"],
+            }
+            return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
+    return None
+
+
 def reconcile_on_pod_events(
     label: str, kind: str, reconcile: Callable[[dict[str, Any]], None]
 ) -> None:

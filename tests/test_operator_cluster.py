@@ -125,13 +125,18 @@ def service_account_kubeconfig(cluster, namespace: str, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster, namespace, tmp_path_factory):
-    """The operator under its own least-privilege Role: a missing permission fails the tests."""
+    """The operator under its own least-privilege Role: a missing permission fails the tests, and
+    so does any handler that raised (kopf retries those, which could hide a broken handler behind
+    the 60 s timer)."""
     folder = tmp_path_factory.mktemp("operator")
     kubeconfig = service_account_kubeconfig(kube_cluster, namespace, folder)
     process = Operator(kubeconfig, namespace, folder / "log")
     process.start()
     yield process
     process.stop()
+    log = process.log_tail(100000).splitlines()
+    crashed = [line for line in log if "with an exception" in line]
+    assert not crashed, "handlers raised:\n" + "\n".join(crashed[:10])
 
 
 class Kube(Namespace):
