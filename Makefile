@@ -22,14 +22,14 @@ run: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Everything: lint, the tests (fake GPU nodes and a real node), then the end-to-end run on the real
-# node with the project's images. Needs root (Debian packages, containers, network namespaces).
+# Everything: lint, the tests, then e2e/ against real Kubernetes components (fake GPU nodes and a
+# real node with the project's images). Needs root (Debian packages, containers, the node).
 test: lint tools host-deps
 	$(BIN)/python -m pytest
 	$(MAKE) e2e
 
-# The images on a real node of the local cluster: the example answers through its Service, rolls,
-# restarts, drains; broken resources say why (e2e/test_real_pods.py).
+# The operator against the local control plane (kwok's fake GPU nodes), and the images on its real
+# node: the example answers through its Service, rolls, restarts, drains; broken resources say why.
 e2e: setup tools host-deps images
 	$(BIN)/python -m pytest e2e
 
@@ -60,12 +60,12 @@ tools:
 # with the worker and operator images imported.
 # CLUSTER_UP_FLAGS=--no-real-node for the fake nodes only.
 cluster-up: setup tools host-deps images
-	$(BIN)/python tests/controlplane.py up --import-images $(CLUSTER_UP_FLAGS)
+	$(BIN)/python e2e/controlplane.py up --import-images $(CLUSTER_UP_FLAGS)
 
 # Stops every component, the pods' containers and shims; unmounts, removes the bridge and the
 # iptables rules, restores the sysctls the node changed.
 cluster-down: setup
-	$(BIN)/python tests/controlplane.py down
+	$(BIN)/python e2e/controlplane.py down
 
 # Regenerate the gRPC stubs committed beside proto/kvops/v1/engine.proto (tests/test_proto.py checks them).
 proto: setup

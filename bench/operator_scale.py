@@ -1,6 +1,6 @@
 """How the operator copes with many resources at once.
 
-Starts the local control plane (tests/controlplane.py, binaries from `make tools`) with enough fake
+Starts the local control plane (e2e/controlplane.py, binaries from `make tools`) with enough fake
 nodes, runs `kvops operator` as a subprocess, creates N LLMDeployments in one `kubectl apply`, and
 measures the time until every one reports Available plus the operator's CPU time and memory.
 
@@ -25,7 +25,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "e2e"))
 
 from controlplane import LocalControlPlane  # noqa: E402
 
@@ -111,7 +111,7 @@ def record(path: Path, result: dict, argv: list[str]) -> None:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         f"- command: `{' '.join(['.venv/bin/python', *argv])}`",
         "- control plane: local etcd + kube-apiserver + controller manager + scheduler + kwok "
-        "(tests/controlplane.py); the operator, control plane and kubectl share the machine",
+        "(e2e/controlplane.py); the operator, control plane and kubectl share the machine",
         "",
         "| " + " | ".join(result) + " |",
         "|" + "---|" * len(result),

@@ -1,10 +1,12 @@
-"""End to end on a real node: the project's images in containerd, a real kubelet, the operator as
-a pod from its image, workers answering through their Service.
+"""Tests against real Kubernetes components (e2e/controlplane.py; binaries from `make tools`).
 
-The session builds the images (e2e/images, cached by content hash), starts the local control
-plane with its real node (tests/controlplane.py), imports the images into the node's containerd,
-and installs the CRDs, RBAC and the operator into a namespace that enforces Pod Security
-`restricted`. Everything listens on 127.0.0.1 or on the cluster's own bridge.
+Two clusters per session, each started once: `kube_cluster`, the control plane with kwok's fake
+GPU nodes (scheduling and status at scale; no container runs), and `cluster`, the control plane
+with one real node (containerd, kubelet, kube-proxy, CNI, local-path storage) into which the
+session imports the project's images (e2e/images, cached by content hash). `kube` installs the
+CRDs and the operator, as a pod from its image, into a namespace that enforces Pod Security
+`restricted`. Everything listens on 127.0.0.1 or on the cluster's own bridge. The fixtures fail,
+never skip, when the tools are missing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# tests/ for serve_process (a kvops serve to evaluate prompts against), e2e/images for the builds.
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "e2e" / "images")]
 from kube_helpers import Namespace, install_crds, kvops_output  # noqa: E402
 
@@ -28,6 +31,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(pytest.mark.cluster)
         item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster():
+    """The control plane with kwok's two fake GPU nodes only."""
+    from controlplane import LocalControlPlane
+
+    with LocalControlPlane() as plane:
+        yield plane
 
 
 @pytest.fixture(scope="session")

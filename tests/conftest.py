@@ -30,18 +30,6 @@ def default_tokenizer_json() -> str:
 
 
 @pytest.fixture(scope="session")
-def kube_cluster():
-    """A real local control plane (tests/controlplane.py) with fake GPU nodes, for the session.
-
-    Fails, never skips, when the binaries are missing: `make test` builds them (`make tools`).
-    """
-    from controlplane import LocalControlPlane
-
-    with LocalControlPlane() as plane:
-        yield plane
-
-
-@pytest.fixture(scope="session")
 def otlp_receiver():
     """An OTLP/gRPC trace receiver on loopback (tests/otlp_receiver.py)."""
     from otlp_receiver import OTLPReceiver

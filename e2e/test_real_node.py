@@ -42,9 +42,9 @@ RESTRICTED_POD = {
 
 
 @pytest.fixture(scope="module")
-def real_cluster():
-    with LocalControlPlane(real_node=True) as plane:
-        yield plane
+def real_cluster(cluster):
+    """The session's real-node cluster (e2e/conftest.py): one real node per machine."""
+    return cluster
 
 
 @pytest.fixture

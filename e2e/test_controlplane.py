@@ -1,4 +1,4 @@
-"""The local control plane (tests/controlplane.py) behaves like a real cluster with GPU nodes."""
+"""The local control plane (e2e/controlplane.py) behaves like a real cluster with GPU nodes."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ one real node can run per machine (the bridge and kube-proxy's iptables chains a
 The binaries come from `make tools` (.tools/bin). The certificates, the service-account key and the
 kubeconfigs are made here. Used by the `kube_cluster` pytest fixture and by hand:
 
-    python tests/controlplane.py up [--no-real-node]  # state in .cluster/, prints the KUBECONFIG
-    python tests/controlplane.py down
+    python e2e/controlplane.py up [--no-real-node]  # state in .cluster/, prints the KUBECONFIG
+    python e2e/controlplane.py down
 """
 
 from __future__ import annotations
@@ -786,7 +786,7 @@ def _set_up_host_network(node_dir: Path) -> None:
         owner = alias.read_text().strip()
         raise ControlPlaneError(
             f"bridge {BRIDGE} exists: the real node of the cluster in {owner} is up or was not "
-            f"cleaned up; `python tests/controlplane.py down --state-dir {owner}` removes it"
+            f"cleaned up; `python e2e/controlplane.py down --state-dir {owner}` removes it"
         )
     node_dir.mkdir(parents=True, exist_ok=True)
     saved = {name: _sysctl(name) for name in SAVED_SYSCTLS}
