@@ -551,15 +551,17 @@ class Resource:
 def name_problem(kind: str, name: str) -> str | None:
     """Why the API server would refuse this object's children (the CEL rule's own check, for
     objects created before the CRD carried it)."""
-    rule = RESOURCE_BY_KIND[kind].name_rule()
-    limit = RESOURCE_BY_KIND[kind].max_name_length
-    if rule is None or (len(name) <= limit and re.match(SERVICE_NAME_PATTERN, name)):
+    resource = RESOURCE_BY_KIND[kind]
+    rule = resource.name_rule()
+    if rule is None or resource.max_name_length is None:
+        return None
+    if len(name) <= resource.max_name_length and re.match(SERVICE_NAME_PATTERN, name):
         return None
     return rule["message"]
 
 
 def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
-    column = {"name": name, "type": type_, "jsonPath": path}
+    column: dict[str, Any] = {"name": name, "type": type_, "jsonPath": path}
     if priority:
         column["priority"] = priority
     return column

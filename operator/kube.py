@@ -12,7 +12,7 @@ import datetime
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -52,17 +52,23 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event about `body` (kopf takes any mapping with metadata; its annotation only
+    names its own Body view)."""
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+
+
 def post_phase_change(
     body: dict[str, Any], status: dict[str, Any], *, warning: bool, reason: str
 ) -> None:
     """A Kubernetes Event when the status about to be written moves the resource to a new phase."""
     old_phase = (body.get("status") or {}).get("phase")
     if old_phase != status["phase"]:
-        kopf.event(
+        event(
             body,
-            type="Warning" if warning else "Normal",
-            reason=reason,
-            message=f"phase {old_phase} -> {status['phase']}",
+            "Warning" if warning else "Normal",
+            reason,
+            f"phase {old_phase} -> {status['phase']}",
         )
 
 
@@ -74,7 +80,7 @@ def warn_on_new_problem(body: dict[str, Any], type_: str, reason: str, message: 
         None,
     )
     if previous is None or (previous.get("reason"), previous.get("message")) != (reason, message):
-        kopf.event(body, type="Warning", reason=reason, message=message)
+        event(body, "Warning", reason, message)
 
 
 def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, Any] | None:
@@ -124,7 +130,7 @@ def condition(
         "status": value,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": now() if changed else old["lastTransitionTime"],
+        "lastTransitionTime": now() if changed or old is None else old["lastTransitionTime"],
         "observedGeneration": generation,
     }
 

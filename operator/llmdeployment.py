@@ -141,7 +141,7 @@ def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict
     for var in spec.env:
         if var.secret_key_ref is not None:
             ref = var.secret_key_ref
-            source = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+            source: dict[str, Any] = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
             if ref.optional:
                 source["secretKeyRef"]["optional"] = True
             env.append({"name": var.name, "valueFrom": source})
@@ -568,12 +568,12 @@ def reconcile(body: dict[str, Any]) -> None:
         namespace = body["metadata"]["namespace"]
         spec, problem = spec_problem(body)
         deployment = None
-        if problem is None:
+        if spec is not None and problem is None:
             children, stale = render(body, spec, resolve_prompts(namespace, spec))
             problem_text = contract.children_problem(children)
             if problem_text is not None:
                 problem = Problem("UnsupportedCommand", problem_text)
-        if problem is None:
+        if spec is not None and problem is None:
             try:
                 applied = {child["kind"]: kube.apply(child) for child in children}
             except kube.ChildRefused as refusal:

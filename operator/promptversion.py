@@ -55,11 +55,11 @@ def claim_labels(body: dict[str, Any], versions: list[dict[str, Any]]) -> None:
                 other["metadata"]["namespace"],
                 {"spec": {"labels": kept}},
             )
-            kopf.event(
+            kube.event(
                 body,
-                type="Normal",
-                reason="LabelMoved",
-                message=f"{sorted(mine & set(labels))} moved from {other['metadata']['name']}",
+                "Normal",
+                "LabelMoved",
+                f"{sorted(mine & set(labels))} moved from {other['metadata']['name']}",
             )
 
 
@@ -101,12 +101,8 @@ def evaluate_if_due(body: dict[str, Any], spec: PromptVersionSpec, endpoint_temp
             }
         },
     )
-    kopf.event(
-        body,
-        type="Warning" if result["failed"] else "Normal",
-        reason="Evaluated",
-        message=f"{result['passed']} passed, {result['failed']} failed against {target}",
-    )
+    summary = f"{result['passed']} passed, {result['failed']} failed against {target}"
+    kube.event(body, "Warning" if result["failed"] else "Normal", "Evaluated", summary)
 
 
 def invalid_status(body: dict[str, Any], message: str) -> dict[str, Any]:
@@ -139,12 +135,8 @@ def reconcile(body: dict[str, Any], claim: bool, endpoint_template: str) -> None
         old_valid = (body.get("status") or {}).get("valid")
         if old_valid != status["valid"]:
             kind = "Normal" if status["valid"] else "Warning"
-            kopf.event(
-                body,
-                type=kind,
-                reason=status["conditions"][0]["reason"],
-                message=status["conditions"][0]["message"],
-            )
+            ready = status["conditions"][0]
+            kube.event(body, kind, ready["reason"], ready["message"])
         # Status first: holder_of_label only trusts versions whose status says valid.
         kube.patch_status(body, status)
         versions = kube.list_objects(API_VERSION, "PromptVersion", namespace)
@@ -171,7 +163,7 @@ def on_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(API_VERSION, "promptversions")
-def on_deleted(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+def on_deleted(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """A deleted version may have held a label: its deployments fall back or lose the prompt."""
     if event["type"] == "DELETED":
         refresh_deployments(body["metadata"]["namespace"], body["spec"]["promptName"])

@@ -359,7 +359,7 @@ def reconcile(body: dict[str, Any]) -> None:
         namespace = body["metadata"]["namespace"]
         spec, problem = spec_problem(body)
         job, result = None, {}
-        if problem is None:
+        if spec is not None and problem is None:
             job, problem = apply_children(body, spec)
         if job is not None:
             build_pods = kube.list_objects(
