@@ -11,6 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Fixtures that load the real default model or start `kvops serve`: a test using one is slow,
+# and `make test-fast` leaves it out.
+REAL_MODEL_FIXTURES = {"smollm2_engine", "async_engine", "default_server", "small_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_engine():
     """The default model (SmolLM2-135M-Instruct GGUF, float32) in one engine for the session."""

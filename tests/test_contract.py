@@ -68,9 +68,14 @@ def run_container(container: dict, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", SPECS)
+def test_the_worker_cli_parses_every_rendered_worker_command(case):
+    assert contract.command_problem(worker_container(SPECS[case])) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SPECS)
 def test_the_worker_cli_accepts_every_rendered_worker_command(case):
     container = worker_container(SPECS[case])
-    assert contract.command_problem(container) is None
     result = run_container(container, "--check")
     if case == "pvc":
         # Everything checks out but the model, which lives on the claim mounted in the pod.

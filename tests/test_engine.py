@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
+from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.config import EngineConfig
-from kvops.worker.engine import AsyncLLMEngine, LLMEngine
+from kvops.worker.engine import LLMEngine
 from kvops.worker.request import SamplingParams
 
 

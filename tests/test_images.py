@@ -50,7 +50,7 @@ def test_the_operator_extra_covers_its_imports_and_carries_no_torch():
 
 def test_the_worker_extra_leaves_out_the_operator():
     wanted = names(["worker"])
-    assert {"torch", "gguf", "grpcio", "fastapi"} <= wanted
+    assert {"torch", "gguf", "grpcio", "starlette"} <= wanted
     assert not wanted & {"kopf", "kubernetes"}
 
 

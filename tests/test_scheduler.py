@@ -352,6 +352,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert request.status is RequestStatus.PREEMPTED
             assert request.request_id not in ids
             assert self.kv.block_table(request.request_id) == []
+        # The runner's rows mirror the scheduled requests.
+        assert len(output.step.rows) == len(output.scheduled)
+        for s, row in zip(output.scheduled, output.step.rows, strict=True):
+            assert row.request_id == s.request.request_id and row.token_ids == s.token_ids
+            assert row.positions[0] == s.num_computed_tokens and row.sample == s.needs_sampling
+            assert row.block_table.tolist() == s.block_ids
         for s in output.scheduled:
             request = s.request
             assert request.status is RequestStatus.RUNNING

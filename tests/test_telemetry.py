@@ -15,8 +15,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from otlp_receiver import OTLPReceiver
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.config import EngineConfig
-from kvops.worker.engine import AsyncLLMEngine, LLMEngine
+from kvops.worker.engine import LLMEngine
 from kvops.worker.request import SamplingParams
 from kvops.worker.serve.telemetry import (
     METRIC_NAMES,

@@ -21,7 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from kvops.worker.request import Request
+from kvops.worker.request import Request, token_slice
 
 
 def cdiv(a: int, b: int) -> int:
@@ -221,7 +221,10 @@ class KVCacheManager:
         size = self.block_size
         parent = hashes[-1] if hashes else b""
         for i in range(len(hashes), num_blocks):
-            parent = block_digest(parent, _token_slice(request, i * size, (i + 1) * size))
+            tokens = token_slice(
+                request.prompt_token_ids, request.output_token_ids, i * size, (i + 1) * size
+            )
+            parent = block_digest(parent, tokens)
             hashes.append(parent)
         return hashes
 
@@ -257,18 +260,6 @@ class KVCacheManager:
 def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
     """SHA-256 of the parent block's digest (empty for the first block) and the block's tokens."""
     return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
-
-
-def _token_slice(request: Request, start: int, end: int) -> tuple[int, ...]:
-    """request.all_token_ids[start:end] without concatenating prompt and outputs."""
-    prompt = request.prompt_token_ids
-    num_prompt = len(prompt)
-    if end <= num_prompt:
-        return tuple(prompt[start:end])
-    outputs = request.output_token_ids
-    if start >= num_prompt:
-        return tuple(outputs[start - num_prompt : end - num_prompt])
-    return tuple(prompt[start:]) + tuple(outputs[: end - num_prompt])
 
 
 def _check(condition: bool, message: str) -> None:

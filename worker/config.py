@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    import torch
+
+# The dtypes the engine runs in, by torch's own names (torch.float32, ...): the one table of them.
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a DTYPES name. Imports torch only when called, so that the CLI's parser
+    (which reads DTYPES) builds without torch."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
 
 # Architectures of the Llama family that one decoder implementation covers.
 SUPPORTED_ARCHITECTURES = (

@@ -1,4 +1,7 @@
-"""KV-cache tensors, flattening a scheduled step into one batch, the forward pass and sampling."""
+"""KV-cache tensors, flattening a Step (step.py) into one batch, the forward pass and sampling.
+
+The runner knows nothing of the scheduler or of requests: it is handed plain Step records.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,13 @@ import random
 import numpy as np
 import torch
 
-from kvops.worker.config import EngineConfig, ModelConfig
+from kvops.worker.config import EngineConfig, ModelConfig, torch_dtype
 from kvops.worker.model import AttentionMetadata, build_model
 from kvops.worker.ops.attention import get_attention_backend
 from kvops.worker.ops.cpu_linear import pack_linear_layers, packing_available
-from kvops.worker.request import Request, TokenLogprob
+from kvops.worker.request import TokenLogprob
 from kvops.worker.sampler import sample
-from kvops.worker.scheduler import ScheduledRequest, SchedulerOutput
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kvops.worker.step import Step, StepRow
 
 # On CUDA, memory kept free for activations besides the KV cache and the weights.
 CUDA_ACTIVATION_RESERVE_BYTES = 1 << 30
@@ -33,7 +34,7 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
-        self.dtype = TORCH_DTYPES[config.dtype]
+        self.dtype = torch_dtype(config.dtype)
         self.block_size = config.block_size
         backend = get_attention_backend(config.attention_backend, self.device)
         self.model = build_model(model_config, state_dict, backend, max_model_len, self.device)
@@ -94,95 +95,82 @@ class ModelRunner:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
 
-    def _generator(self, request: Request) -> torch.Generator:
-        generator = self._generators.get(request.request_id)
+    def _generator(self, row: StepRow) -> torch.Generator:
+        generator = self._generators.get(row.request_id)
         if generator is None:
-            seed = request.sampling_params.seed
+            seed = row.sampling_params.seed
             if seed is None:
                 seed = self._seed_source.getrandbits(63)
             generator = torch.Generator(self.device).manual_seed(seed)
-            self._generators[request.request_id] = generator
+            self._generators[row.request_id] = generator
         return generator
 
     @torch.inference_mode()
-    def execute(
-        self, scheduler_output: SchedulerOutput
-    ) -> dict[str, tuple[int, TokenLogprob | None]]:
-        """Run one step; return the sampled token (and logprobs) of each request that completed
-        all its known tokens this step. Prefill chunks that stop mid-prompt sample nothing."""
-        # Decodes first: the attention layer runs the decode kernel on that prefix of the batch.
-        decodes = [s for s in scheduler_output.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduler_output.scheduled if s.num_new_tokens != 1]
-        batch = decodes + prefills
-        if not batch:
+    def execute(self, step: Step) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Run one step; return the sampled token (and logprobs) of each row that samples, by
+        request id."""
+        logits = self.compute_logits(step)
+        samplers = [row for row in step.rows if row.sample]
+        if not samplers:
             return {}
-        tables = [np.asarray(s.block_ids, dtype=np.int64) for s in batch]
-        input_ids, positions, slots = [], [], []
-        sample_rows, samplers = [], []
-        num_tokens = 0
-        for s, table in zip(batch, tables, strict=True):
-            start = s.num_computed_tokens
-            end = start + s.num_new_tokens
-            pos = np.arange(start, end)
-            input_ids.append(_token_slice(s.request, start, end))
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            num_tokens += s.num_new_tokens
-            if s.needs_sampling:
-                sample_rows.append(num_tokens - 1)
-                samplers.append(s)
+        tokens, logprobs = sample(
+            logits,
+            [row.sampling_params for row in samplers],
+            [self._generator(row) for row in samplers],
+        )
+        return {
+            row.request_id: (token, lp)
+            for row, token, lp in zip(samplers, tokens, logprobs, strict=True)
+        }
+
+    @torch.inference_mode()
+    def compute_logits(self, step: Step) -> torch.Tensor:
+        """Run the model over the step (writing its keys and values into the cache); return the
+        logits [rows that sample, vocab] after each such row's last token, in step order."""
+        # Decodes first: the attention layer runs the decode kernel on that prefix of the batch.
+        order = sorted(range(len(step.rows)), key=lambda i: step.rows[i].num_tokens != 1)
+        batch = [step.rows[i] for i in order]
+        hidden = self._forward(batch) if batch else None
+        sampling = [j for j, row in enumerate(batch) if row.sample]  # positions in the batch
+        if not sampling:
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        last_tokens = np.cumsum([row.num_tokens for row in batch]) - 1
+        logits = self.model.compute_logits(hidden[self._tensor(last_tokens[sampling], torch.int64)])
+        # The rows ran in batch order; hand them back in step order.
+        return logits[self._tensor(np.argsort([order[j] for j in sampling]), torch.int64)]
+
+    def _forward(self, batch: list[StepRow]) -> torch.Tensor:
+        """The model over the batch (decodes first), writing its keys and values into the cache;
+        the final hidden state of every token."""
+        decodes = [row for row in batch if row.num_tokens == 1]
+        prefills = batch[len(decodes) :]
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(np.concatenate(slots), torch.int64),
+            slot_mapping=self._tensor(np.concatenate([row.slots for row in batch]), torch.int64),
             num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables(tables[: len(decodes)]),
-            decode_seq_lens=self._seq_lens(decodes),
-            prefill_block_tables=self._block_tables(tables[len(decodes) :]),
-            prefill_seq_lens=self._seq_lens(prefills),
+            decode_block_tables=self._block_tables(decodes),
+            decode_seq_lens=self._context_lens(decodes),
+            prefill_block_tables=self._block_tables(prefills),
+            prefill_seq_lens=self._context_lens(prefills),
             prefill_query_start_loc=self._tensor(
-                np.cumsum([0] + [s.num_new_tokens for s in prefills]), torch.int32
+                np.cumsum([0] + [row.num_tokens for row in prefills]), torch.int32
             ),
         )
-        hidden = self.model(
-            self._tensor(np.concatenate(input_ids), torch.int64),
-            self._tensor(np.concatenate(positions), torch.int64),
+        return self.model(
+            self._tensor(np.concatenate([row.token_ids for row in batch]), torch.int64),
+            self._tensor(np.concatenate([row.positions for row in batch]), torch.int64),
             self.kv_caches,
             meta,
         )
-        if not samplers:
-            return {}
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)])
-        tokens, logprobs = sample(
-            logits,
-            [s.request.sampling_params for s in samplers],
-            [self._generator(s.request) for s in samplers],
-        )
-        return {
-            s.request.request_id: (token, lp)
-            for s, token, lp in zip(samplers, tokens, logprobs, strict=True)
-        }
 
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values), dtype=dtype).to(self.device, non_blocking=True)
 
-    def _block_tables(self, tables: list[np.ndarray]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        padded = np.zeros((len(tables), width), dtype=np.int32)
-        for row, table in enumerate(tables):
-            padded[row, : len(table)] = table
+    def _block_tables(self, rows: list[StepRow]) -> torch.Tensor:
+        width = max((len(row.block_table) for row in rows), default=0)
+        padded = np.zeros((len(rows), width), dtype=np.int32)
+        for i, row in enumerate(rows):
+            padded[i, : len(row.block_table)] = row.block_table
         return self._tensor(padded, torch.int32)
 
-    def _seq_lens(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        return self._tensor(
-            [s.num_computed_tokens + s.num_new_tokens for s in scheduled], torch.int32
-        )
-
-
-def _token_slice(request: Request, start: int, end: int) -> list[int]:
-    """Tokens [start, end) of prompt + output without concatenating the whole sequence."""
-    prompt = request.prompt_token_ids
-    if start >= len(prompt):
-        n = len(prompt)
-        return request.output_token_ids[start - n : end - n]
-    if end <= len(prompt):
-        return prompt[start:end]
-    return prompt[start:] + request.output_token_ids[: end - len(prompt)]
+    def _context_lens(self, rows: list[StepRow]) -> torch.Tensor:
+        return self._tensor([row.context_len for row in rows], torch.int32)

@@ -1,10 +1,12 @@
-"""Requests as the engine tracks them: sampling parameters, status, finish reasons, outputs."""
+"""Requests as the engine tracks them: sampling parameters, status, finish reasons, outputs;
+and the engine's stats. Plain types, which the servers may import too."""
 
 from __future__ import annotations
 
 import enum
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # An upper bound on logprobs alternatives, as OpenAI's API has (top_logprobs <= 20).
@@ -189,3 +191,25 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics: gauges now, counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+def token_slice(prompt: Sequence[int], outputs: Sequence[int], start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + outputs, without concatenating the whole sequence."""
+    num_prompt = len(prompt)
+    if end <= num_prompt:
+        return list(prompt[start:end])
+    if start >= num_prompt:
+        return list(outputs[start - num_prompt : end - num_prompt])
+    return list(prompt[start:]) + list(outputs[: end - num_prompt])

@@ -6,6 +6,9 @@ within the step's token budget. A decode is a request with one token left; a lon
 across steps (chunked prefill). Running requests go first, oldest first; when KV blocks run out
 the newest running request is preempted (its blocks freed, recomputed later from prompt +
 outputs), so the oldest request always progresses and no request fails because another is long.
+
+Each SchedulerOutput carries the Step (step.py) the model runner executes: plain rows with copies
+of the block tables, so the runner never sees a Request or the scheduler.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 
 from kvops.worker.block_manager import KVCacheManager
 from kvops.worker.config import EngineConfig
-from kvops.worker.request import Request, RequestStatus
+from kvops.worker.request import Request, RequestStatus, token_slice
+from kvops.worker.step import Step, StepRow
 
 
 @dataclass
@@ -41,15 +45,21 @@ class ScheduledRequest:
     def token_ids(self) -> list[int]:
         """The token ids this step feeds to the model."""
         start = self.num_computed_tokens
-        return self.request.all_token_ids[start : start + self.num_new_tokens]
+        request = self.request
+        return token_slice(
+            request.prompt_token_ids, request.output_token_ids, start, start + self.num_new_tokens
+        )
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    # Requests preempted this step (now waiting again; the model runner drops their state).
+    # Requests preempted this step, now waiting again. The model runner is not told: it keeps
+    # their sampling generators, so a seeded request draws the same tokens after recomputation.
     preempted: list[Request] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # What the model runner executes: one row per scheduled request, in the same order.
+    step: Step = field(default_factory=Step)
 
     @property
     def is_empty(self) -> bool:
@@ -195,16 +205,28 @@ class Scheduler:
     # ------------------------------------------------------------------ internals
 
     def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
-        output.scheduled.append(
-            ScheduledRequest(
-                request=request,
-                num_new_tokens=num_new,
-                num_computed_tokens=request.num_computed_tokens,
-                block_ids=self.kv_cache.block_table(request.request_id),
-                num_tokens=request.num_tokens,
+        scheduled = ScheduledRequest(
+            request=request,
+            num_new_tokens=num_new,
+            num_computed_tokens=request.num_computed_tokens,
+            block_ids=self.kv_cache.block_table(request.request_id),
+            num_tokens=request.num_tokens,
+        )
+        output.scheduled.append(scheduled)
+        output.num_batched_tokens += num_new
+        # Built now, while the request's tokens and block table are those of this step. Rows of
+        # requests scheduled earlier in the step stay valid: only unscheduled ones are preempted.
+        output.step.rows.append(
+            StepRow.build(
+                request.request_id,
+                scheduled.token_ids,
+                scheduled.num_computed_tokens,
+                scheduled.block_ids,
+                self.config.block_size,
+                scheduled.needs_sampling,
+                request.sampling_params,
             )
         )
-        output.num_batched_tokens += num_new
 
     def _preempt(self, request: Request) -> None:
         # Recompute rather than swap: drop its blocks; its output tokens are kept, and it is

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvops.worker.config import ModelConfig
+from kvops.worker.config import ModelConfig, torch_dtype
 from kvops.worker.gguf_file import (
     GGUF_IGNORED,
     gguf_model_config,
@@ -321,12 +321,7 @@ def load_model_weights(
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
-    return names[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
 def _apply_overrides(config: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:

@@ -54,26 +54,39 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from kvops.worker.engine import LLMEngine
+    import asyncio
+
+    from kvops.worker.async_engine import AsyncLLMEngine
     from kvops.worker.request import SamplingParams
 
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        engine.shutdown()
+        raise SystemExit(f"kvops generate: the model {engine.model_name!r} has no tokenizer")
     prompt = args.prompt
-    if not args.raw and engine.tokenizer.has_chat_template:
+    if not args.raw and tokenizer.has_chat_template:
         messages = [{"role": "user", "content": prompt}]
-        prompt_token_ids = engine.tokenizer.encode(
-            engine.tokenizer.apply_chat_template(messages), add_special_tokens=False
+        prompt_token_ids = tokenizer.encode(
+            tokenizer.apply_chat_template(messages), add_special_tokens=False
         )
     else:
-        prompt_token_ids = engine.tokenizer.encode(prompt)
+        prompt_token_ids = tokenizer.encode(prompt)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    engine.add_request(sampling_params=params, prompt_token_ids=prompt_token_ids)
-    while engine.has_unfinished_requests():
-        for output in engine.step():
+
+    async def print_as_generated() -> None:
+        async for output in engine.generate(
+            sampling_params=params, prompt_token_ids=prompt_token_ids
+        ):
             sys.stdout.write(output.new_text)
             sys.stdout.flush()
+
+    try:
+        asyncio.run(print_as_generated())
+    finally:
+        engine.shutdown()
     sys.stdout.write("\n")
     return 0
 
@@ -134,7 +147,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.api_key_file:
         with open(args.api_key_file) as file:
             api_key = file.read().strip() or None
-    from kvops.worker.engine import AsyncLLMEngine
+    from kvops.worker.async_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
     options = ServingOptions(

@@ -36,11 +36,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             state.check_model(request.model)
             prompt_ids = self._prompt_ids(request)
             params = _sampling_params(request.sampling, state.remaining_context(prompt_ids))
-            state.check_request(prompt_ids, params)
             request_id = request.request_id or state.new_request_id("gen")
+            requests = state.make_requests(prompt_ids, [params], request_id)
             outputs = state.generate(
-                prompt_ids,
-                [params],
+                requests,
                 request_id,
                 operation="generate",
                 carrier=context.invocation_metadata(),
@@ -56,7 +55,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             await _abort(state, context, error)
 
     async def Tokenize(self, request: engine_pb2.TokenizeRequest, context):  # noqa: N802
-        tokenizer = self.state.engine.tokenizer
+        try:
+            tokenizer = self.state.require_tokenizer("text")
+        except ServingError as error:
+            await _abort(self.state, context, error)
         ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
         tokens = [tokenizer.id_to_token(i) or "" for i in ids]
         return engine_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)
@@ -111,17 +113,20 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return response
 
 
+# Optional fields that, unset, take SamplingParams' defaults; temperature does not (engine.proto).
+_ENGINE_DEFAULTED = ("top_p", "seed", "logprobs")
+
+
 def _sampling_params(sampling: engine_pb2.SamplingParams, context_left: int) -> SamplingParams:
+    given = {name: getattr(sampling, name) for name in _ENGINE_DEFAULTED if sampling.HasField(name)}
     return SamplingParams(
         max_tokens=sampling.max_tokens or context_left,
         temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
-        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
         top_k=sampling.top_k,
-        seed=sampling.seed if sampling.HasField("seed") else None,
         stop=list(sampling.stop),
         stop_token_ids=list(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
-        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+        **given,
     )
 
 

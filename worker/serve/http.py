@@ -160,23 +160,21 @@ class _Call:
         params: list[SamplingParams],
         stream: bool,
     ):
-        # Refuse what the engine would refuse before any response (or stream) starts.
-        state.check_request(prompt_ids, params[0])
         self.state = state
         self.request = request
         self.operation = operation
         self.request_id = state.new_request_id(id_prefix)
+        # Refuse what the engine would refuse before any response (or stream) starts.
+        self.requests = state.make_requests(prompt_ids, params, self.request_id)
         self.created = int(time.time())
         self.prompt_ids = prompt_ids
-        self.params = params
         self.streaming = stream
         self.timeout = _client_timeout(request)
 
     def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) as the engine produces them, merged over the n choices."""
         return self.state.generate(
-            self.prompt_ids,
-            self.params,
+            self.requests,
             self.request_id,
             operation=self.operation,
             carrier=self.request.headers,
@@ -186,7 +184,7 @@ class _Call:
 
     async def collect(self) -> list[RequestOutput]:
         """Each choice's final output; a client that disconnects first aborts them all."""
-        finals: list[RequestOutput | None] = [None] * len(self.params)
+        finals: list[RequestOutput | None] = [None] * len(self.requests)
 
         async def run() -> None:
             async with contextlib.aclosing(self.outputs()) as outputs:
@@ -194,7 +192,7 @@ class _Call:
                     if output.finished:
                         finals[index] = output
 
-        with self.state.admit(len(self.params)):
+        with self.state.admit(len(self.requests)):
             await _unless_disconnected(self.request, run())
         return finals  # type: ignore[return-value]
 
@@ -208,7 +206,7 @@ class _Call:
         if self.streaming:
             # The slots are held until the stream ends, however it ends (see _EventStream).
             admission = contextlib.ExitStack()
-            admission.enter_context(self.state.admit(len(self.params)))
+            admission.enter_context(self.state.admit(len(self.requests)))
             events = _server_sent_events(self.state, chunks())
             return _EventStream(events, on_close=admission.close)
         finals = await self.collect()
@@ -236,7 +234,7 @@ async def _chat_chunks(call: _Call, include_usage: bool):
         }
 
     obj = "chat.completion.chunk"
-    for i in range(len(call.params)):
+    for i in range(len(call.requests)):
         opening = {"role": "assistant", "content": ""}
         yield call.chunk(obj, [{"index": i, "delta": opening, "finish_reason": None}])
     async for chunk in _delta_chunks(call, obj, include_usage, delta):
@@ -244,7 +242,7 @@ async def _chat_chunks(call: _Call, include_usage: bool):
 
 
 async def _completion_chunks(call: _Call, include_usage: bool):
-    offsets = [0] * len(call.params)  # characters of text sent so far, per choice
+    offsets = [0] * len(call.requests)  # characters of text sent so far, per choice
 
     def delta(index: int, output: RequestOutput) -> dict:
         logprobs = protocol.completion_logprobs(

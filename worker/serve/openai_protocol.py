@@ -15,6 +15,8 @@ from kvops.worker.request import MAX_LOGPROBS, RequestOutput, SamplingParams, To
 from kvops.worker.serve.service import MAX_CHOICES
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# The engine decides the defaults OpenAI's API shares with it (they agree).
+_DEFAULTS = SamplingParams()
 
 
 class TextPart(BaseModel):
@@ -43,11 +45,11 @@ class _GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(_DEFAULTS.temperature, ge=0, le=2)
+    top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1)
     # Extensions that vLLM's API has too.
-    top_k: int = Field(0, ge=0)
-    ignore_eos: bool = False
+    top_k: int = Field(_DEFAULTS.top_k, ge=0)
+    ignore_eos: bool = _DEFAULTS.ignore_eos
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -99,7 +101,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[int], Field(min_length=1)]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(_DEFAULTS.max_tokens, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import prometheus_client
 import uvicorn
 
-from kvops.worker.engine import AsyncLLMEngine
+from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.serve import grpc as grpc_api
 from kvops.worker.serve.http import create_app
 from kvops.worker.serve.service import ServingOptions, ServingState

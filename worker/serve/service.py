@@ -1,8 +1,9 @@
 """What the HTTP and gRPC servers share: admission, deadlines, draining, telemetry, errors.
 
-Both servers turn their wire format into token ids and SamplingParams, then call
-`ServingState.generate()`, which is the only way a request reaches the engine. Errors are
-`ServingError`s that each server maps onto its own status codes.
+Both servers turn their wire format into token ids and SamplingParams, have
+`ServingState.make_requests()` validate them once, then run them with `ServingState.generate()`,
+which is the only way a request reaches the engine. Errors are `ServingError`s that each server
+maps onto its own status codes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from kvops.worker.engine import AsyncLLMEngine
-from kvops.worker.request import RequestOutput, SamplingParams
+from kvops.worker.async_engine import AsyncLLMEngine
+from kvops.worker.request import Request, RequestOutput, SamplingParams
 from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics
 
 # How many completions one request may ask for (OpenAI's `n`).
@@ -113,7 +114,7 @@ class ServingState:
         self.options = options
         self.metrics = metrics
         self.tracer = tracer
-        self.capacity = engine.engine.config.max_num_seqs + options.max_queue
+        self.capacity = engine.max_num_seqs + options.max_queue
         self.in_flight = 0
         self.draining = False
         self._ids = itertools.count()
@@ -183,7 +184,7 @@ class ServingState:
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         tokenizer = self.engine.tokenizer
-        if not tokenizer.has_chat_template:
+        if tokenizer is None or not tokenizer.has_chat_template:
             raise InvalidRequest(
                 f"the model {self.model_name!r} has no chat template; use completions",
                 param="messages",
@@ -195,10 +196,22 @@ class ServingState:
         return tokenizer.encode(text, add_special_tokens=False)
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
-        return self.engine.tokenizer.encode(prompt)
+        return self.require_tokenizer("prompt").encode(prompt)
+
+    def require_tokenizer(self, param: str):
+        """The model's tokenizer; a model without one takes token ids only."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise InvalidRequest(
+                f"the model {self.model_name!r} has no tokenizer: send token ids", param=param
+            )
+        return tokenizer
 
     def token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            return ""
+        return tokenizer.decode([token_id], skip_special_tokens=False)
 
     def remaining_context(self, prompt_token_ids: Sequence[int]) -> int:
         """The max_tokens a request gets when the client sets none: the rest of the context."""
@@ -206,10 +219,26 @@ class ServingState:
 
     # -- running one generation -----------------------------------------------------------------
 
+    def make_requests(
+        self, prompt_token_ids: list[int], params: list[SamplingParams], request_id: str
+    ) -> list[Request]:
+        """One engine request per choice, validated once, before any response (or stream)
+        starts; InvalidRequest for what the engine refuses. `generate()` runs them as they are."""
+        try:
+            return [
+                self.engine.make_request(
+                    sampling_params=choice_params,
+                    prompt_token_ids=prompt_token_ids,
+                    request_id=request_id if len(params) == 1 else f"{request_id}-{index}",
+                )
+                for index, choice_params in enumerate(params)
+            ]
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from error
+
     async def generate(
         self,
-        prompt_token_ids: list[int],
-        params: list[SamplingParams],
+        requests: list[Request],
         request_id: str,
         *,
         operation: str,
@@ -217,7 +246,7 @@ class ServingState:
         stream: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Stream (choice index, output) for one request of len(params) choices.
+        """Stream (choice index, output) for one client request of len(requests) choices.
 
         One span covers the request; metrics count each choice. The caller holds an `admit()`
         slot per choice. Leaving the loop early, or the deadline passing, aborts every
@@ -226,20 +255,17 @@ class ServingState:
         timeout = _min_timeout(timeout, self.options.request_timeout)
         deadline = None if timeout is None else _now() + timeout
         span = self.tracer.start_span(
-            operation, self.model_name, params[0], carrier, stream=stream, choice_count=len(params)
+            operation,
+            self.model_name,
+            requests[0].sampling_params,
+            carrier,
+            stream=stream,
+            choice_count=len(requests),
         )
-        finals: list[RequestOutput | None] = [None] * len(params)
-        latest: list[RequestOutput | None] = [None] * len(params)
+        finals: list[RequestOutput | None] = [None] * len(requests)
+        latest: list[RequestOutput | None] = [None] * len(requests)
         error: BaseException | None = None
-        streams = [
-            self.engine.generate(
-                sampling_params=choice_params,
-                prompt_token_ids=prompt_token_ids,
-                request_id=request_id if len(params) == 1 else f"{request_id}-{index}",
-            )
-            for index, choice_params in enumerate(params)
-        ]
-        merged = _merge(streams)
+        merged = _merge([self.engine.stream(request) for request in requests])
         try:
             while None in finals:
                 remaining = None if deadline is None else deadline - _now()
@@ -268,13 +294,6 @@ class ServingState:
             self._record_unfinished(finals, latest, error)
             done = [f for f in finals if f is not None]
             self.tracer.finish_span(span, done, error, response_id=request_id)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequest for what the engine would refuse, before a stream starts."""
-        try:
-            self.engine.engine.make_request(None, params, prompt_token_ids)
-        except ValueError as error:
-            raise InvalidRequest(str(error)) from error
 
     def record_error(self, error: ServingError) -> None:
         """Count a refused request; the servers call it for every ServingError they send."""

@@ -33,15 +33,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from kvops.worker.engine import EngineStats
-from kvops.worker.request import RequestOutput, SamplingParams
+from kvops.worker.request import EngineStats, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ metrics
 
-# Every metric family this module exposes, as a dashboard or alert names it (histograms add
-# _bucket/_sum/_count). Dashboards are tested against this tuple.
+# Every metric family this module exposes (histograms add _bucket/_sum/_count). Tests check
+# that /metrics serves each, and that the metrics the operator's autoscaling reads are here.
 METRIC_NAMES = (
     "kvops_time_to_first_token_seconds",
     "kvops_time_per_output_token_seconds",
