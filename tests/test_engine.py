@@ -250,6 +250,7 @@ def test_async_bad_request_raises_in_caller(async_engine):
         asyncio.run(bad())
 
 
+@pytest.mark.slow  # the real model
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_engine_answers(dtype):
     engine = LLMEngine(EngineConfig(dtype=dtype, max_model_len=512, num_kv_blocks=64))

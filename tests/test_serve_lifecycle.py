@@ -153,6 +153,7 @@ def test_sigterm_finishes_the_running_request_then_exits_0(smollm2_engine):
         assert server.wait(60) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_model_loads_exits_at_once_even_as_pid_1():
     """In a pod the worker is PID 1, which the kernel spares every signal it has no handler for:
     a pod deleted during the model load must not wait out its grace period for SIGKILL. The

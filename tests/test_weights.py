@@ -168,6 +168,7 @@ def test_default_model_equals_transformers_dequantized_weights():
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == 49152
 
 
+@pytest.mark.slow  # the real model
 def test_default_model_dtype_and_layer_override():
     loaded = load_model_weights("default", "bfloat16", model_overrides={"num_hidden_layers": 2})
     assert loaded.config.num_hidden_layers == 2

@@ -11,7 +11,8 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import Literal
 
 from kvops.worker.config import EngineConfig
 from kvops.worker.engine import LLMEngine
@@ -19,6 +20,11 @@ from kvops.worker.request import EngineStats, Request, RequestOutput, SamplingPa
 from kvops.worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# What the caller's thread asks of the step thread: add a request, or abort one by id.
+_Command = tuple[Literal["add"], Request] | tuple[Literal["abort"], str]
+# Where a stream's items go: its event loop and queue (outputs, or the error that ends it).
+_Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]
 
 
 class AsyncLLMEngine:
@@ -33,8 +39,8 @@ class AsyncLLMEngine:
         """`engine`: a built engine, or a function that builds one on the step thread (see
         from_config); what the function raises is raised here."""
         build = (lambda: engine) if isinstance(engine, LLMEngine) else engine
-        self._commands: list[tuple[str, object]] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._commands: list[_Command] = []
+        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -110,18 +116,18 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """`stream(make_request(...))`: bad input raises here, before a stream exists."""
         return self.stream(self.make_request(prompt, sampling_params, prompt_token_ids, request_id))
 
-    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Run a request from make_request(); yield outputs as tokens arrive, the last one with
         finished=True.
 
         Leaving the loop early (or the task being cancelled) aborts the request and frees its
         KV blocks.
         """
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._lock:
             if request.request_id in self._streams:
                 raise ValueError(f"request_id {request.request_id!r} is already in use")
@@ -189,14 +195,15 @@ class AsyncLLMEngine:
     def _apply_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
-        for kind, payload in commands:
-            if kind == "add":
+        for command in commands:
+            if command[0] == "add":
+                request = command[1]
                 try:
-                    self.engine.enqueue(payload)
+                    self.engine.enqueue(request)
                 except ValueError as error:
-                    self._deliver_error(payload.request_id, error)
+                    self._deliver_error(request.request_id, error)
             else:
-                output = self.engine.abort_request(payload)
+                output = self.engine.abort_request(command[1])
                 if output is not None:
                     self._deliver(output)
         self._stats = self.engine.stats()
@@ -223,7 +230,7 @@ class AsyncLLMEngine:
             self._deliver_error(request_id, RuntimeError(f"engine step failed: {error}"))
 
 
-def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: object) -> None:
+def _put(target: _Stream, item: RequestOutput | BaseException) -> None:
     """Hand an item to a stream's event loop; a loop that has closed has no reader left."""
     loop, queue = target
     with contextlib.suppress(RuntimeError):

@@ -38,7 +38,7 @@ class KVBlock:
         self.block_hash: bytes | None = None
 
     def __repr__(self) -> str:
-        return f"KVBlock({self.block_id}, ref={self.ref_count}, hash={self.block_hash})"
+        return f"KVBlock({self.block_id}, ref={self.ref_count}, hash={self.block_hash!r})"
 
 
 class KVCacheManager:

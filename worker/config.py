@@ -41,7 +41,9 @@ class ModelConfig:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int = 32
-    head_dim: int | None = None
+    # 0 (the default): hidden_size // num_attention_heads, resolved in __post_init__, so that the
+    # field is a real size from then on. None (what an untyped override may pass) means the same.
+    head_dim: int = 0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -54,7 +56,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
+        if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     @classmethod
@@ -72,7 +74,8 @@ class ModelConfig:
         # transformers 5 writes `rope_parameters` (theta and scaling together); older configs
         # have `rope_theta` and `rope_scaling`.
         rope_parameters = dict(config.get("rope_parameters") or {})
-        rope_theta = config.get("rope_theta", rope_parameters.pop("rope_theta", 10000.0))
+        default_rope_theta: float = rope_parameters.pop("rope_theta", 10000.0)
+        rope_theta: float = config.get("rope_theta", default_rope_theta)
         rope_scaling = config.get("rope_scaling") or rope_parameters or None
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None

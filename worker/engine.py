@@ -177,17 +177,20 @@ class LLMEngine:
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
         """Submit all prompts at once, run until each finishes; final outputs in input order."""
-        inputs = prompt_token_ids if prompt_token_ids is not None else prompts or []
+        texts = prompts or []
+        count = len(prompt_token_ids) if prompt_token_ids is not None else len(texts)
         if not isinstance(sampling_params, list):
-            sampling_params = [sampling_params or SamplingParams()] * len(inputs)
-        requests = [
-            self.make_request(
-                prompt=None if prompt_token_ids is not None else item,
-                sampling_params=params,
-                prompt_token_ids=item if prompt_token_ids is not None else None,
-            )
-            for item, params in zip(inputs, sampling_params, strict=True)
-        ]
+            sampling_params = [sampling_params or SamplingParams()] * count
+        if prompt_token_ids is not None:
+            requests = [
+                self.make_request(sampling_params=params, prompt_token_ids=ids)
+                for ids, params in zip(prompt_token_ids, sampling_params, strict=True)
+            ]
+        else:
+            requests = [
+                self.make_request(prompt=text, sampling_params=params)
+                for text, params in zip(texts, sampling_params, strict=True)
+            ]
         for request in requests:
             self.enqueue(request)
         final: dict[str, RequestOutput] = {}

@@ -82,6 +82,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables per position, computed once in float32 exactly as transformers does."""
 
+    # Buffers (register_buffer below), declared so that they read as tensors.
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         inv_freq = rope_inverse_frequencies(config)

@@ -132,7 +132,7 @@ class ModelRunner:
         batch = [step.rows[i] for i in order]
         hidden = self._forward(batch) if batch else None
         sampling = [j for j, row in enumerate(batch) if row.sample]  # positions in the batch
-        if not sampling:
+        if hidden is None or not sampling:  # hidden is None only for an empty batch
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         last_tokens = np.cumsum([row.num_tokens for row in batch]) - 1
         logits = self.model.compute_logits(hidden[self._tensor(last_tokens[sampling], torch.int64)])

@@ -56,19 +56,23 @@ def _truncated_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torc
 def _logprobs(
     logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
 ) -> list[TokenLogprob | None]:
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    # Row index -> how many alternatives it wants, for the rows that want logprobs at all.
+    counts = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
+    wanted = list(counts)
     results: list[TokenLogprob | None] = [None] * len(params)
     if not wanted:
         return results
     rows = torch.tensor(wanted, device=logits.device)
     logprobs = logits[rows].log_softmax(dim=-1)
-    max_top = max(params[i].logprobs for i in wanted)
-    top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (None, None)
+    max_top = max(counts.values())
+    top_k = logprobs.topk(max_top, dim=-1) if max_top else None
     chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))
     for j, i in enumerate(wanted):
-        n = params[i].logprobs
+        n = counts[i]
         top = {}
-        if n:
-            top = dict(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True))
+        if n and top_k is not None:  # n > 0 implies max_top > 0
+            top = dict(
+                zip(top_k.indices[j, :n].tolist(), top_k.values[j, :n].tolist(), strict=True)
+            )
         results[i] = TokenLogprob(tokens[i], chosen[j, 0].item(), top)
     return results

@@ -356,7 +356,8 @@ def convert_gguf_tokenizer(
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
 
-    special, user_defined = [], []
+    special: list[AddedToken] = []
+    user_defined: list[AddedToken] = []
     for index, (token, kind_) in enumerate(zip(tokens, types, strict=True)):
         if kind_ not in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED) or vocab.get(token) != index:
             continue

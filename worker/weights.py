@@ -340,7 +340,7 @@ def _apply_overrides(config: ModelConfig, overrides: dict[str, Any] | None) -> M
         and ("hidden_size" in changes or "num_attention_heads" in changes)
         and config.head_dim == config.hidden_size // config.num_attention_heads
     ):
-        changes["head_dim"] = None  # recomputed from the new shapes
+        changes["head_dim"] = 0  # recomputed from the new shapes
     return dataclasses.replace(config, **changes)
 
 

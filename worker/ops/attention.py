@@ -58,7 +58,7 @@ import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,12 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cpu")
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
+
+
+class _SDPAOptions(TypedDict, total=False):
+    """Keyword arguments only some torch versions' scaled_dot_product_attention takes."""
+
+    enable_gqa: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +462,7 @@ def paged_prefill_attention(
             v = _gather_blocks(v_cache, ids, "value", torch.float32)
             k = k.view(num_kv_heads, -1, head_dim)[:, :seq_len]
             v = v.view(num_kv_heads, -1, head_dim)[:, :seq_len]
-        gqa = {}
+        gqa: _SDPAOptions = {}
         if group > 1:
             if _SDPA_GQA:
                 gqa = {"enable_gqa": True}

@@ -12,8 +12,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import HTTPExceptionHandler
 
 from kvops.worker.request import RequestOutput, SamplingParams
 from kvops.worker.serve import openai_protocol as protocol
@@ -40,6 +41,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 TIMEOUT_HEADER = "x-request-timeout"
 
 Body = TypeVar("Body", bound=BaseModel)
+E = TypeVar("E", bound=Exception)
 
 
 def create_app(state: ServingState) -> Starlette:
@@ -137,14 +139,23 @@ def create_app(state: ServingState) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    return Starlette(
-        routes=routes,
-        exception_handlers={
-            ServingError: serving_error,
-            HTTPException: http_error,
-            Exception: unexpected_error,
-        },
-    )
+    handlers = [
+        _handler(ServingError, serving_error),
+        _handler(HTTPException, http_error),
+        _handler(Exception, unexpected_error),
+    ]
+    return Starlette(routes=routes, exception_handlers=dict(handlers))
+
+
+def _handler(
+    kind: type[E], handle: Callable[[Request, E], Awaitable[Response]]
+) -> tuple[type[Exception], HTTPExceptionHandler]:
+    """An exception_handlers entry whose handler takes exactly the exceptions of its key.
+
+    Starlette calls a handler only with instances of the class it is registered under, which its
+    HTTPExceptionHandler type (any Exception) cannot say; the cast is sound for that reason.
+    """
+    return kind, cast(HTTPExceptionHandler, handle)
 
 
 class _Call:
@@ -171,7 +182,7 @@ class _Call:
         self.streaming = stream
         self.timeout = _client_timeout(request)
 
-    def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(choice index, output) as the engine produces them, merged over the n choices."""
         return self.state.generate(
             self.requests,
@@ -200,7 +211,7 @@ class _Call:
         self,
         obj: str,
         choice: Callable[[int, RequestOutput], dict],
-        chunks: Callable[[], AsyncIterator[dict]],
+        chunks: Callable[[], AsyncGenerator[dict, None]],
     ) -> Response:
         """The event stream of `chunks()`, or once all choices finished, one `obj` response."""
         if self.streaming:
@@ -280,7 +291,9 @@ async def _delta_chunks(
         yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
 
 
-async def _server_sent_events(state: ServingState, events: AsyncIterator[dict]):
+async def _server_sent_events(
+    state: ServingState, events: AsyncGenerator[dict, None]
+) -> AsyncGenerator[str, None]:
     """SSE framing; an error after the stream started travels as an error event."""
     try:
         async with contextlib.aclosing(events):
@@ -300,9 +313,10 @@ class _EventStream(StreamingResponse):
     body iterator has started, so the release cannot live in the iterator itself.
     """
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], object]):
+    def __init__(self, content: AsyncGenerator[str, None], on_close: Callable[[], object]):
         super().__init__(content, media_type="text/event-stream")
         self.headers["Cache-Control"] = "no-cache"
+        self._content = content  # the body_iterator, typed as the generator it is (for aclose)
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -310,7 +324,7 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()
+                await self._content.aclose()
             self._on_close()
 
 

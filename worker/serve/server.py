@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from dataclasses import dataclass
 
@@ -72,7 +73,8 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
             host=server.host,
             port=server.http_port,
             log_level="warning",
-            timeout_graceful_shutdown=max(server.shutdown_grace, 1),
+            # uvicorn takes whole seconds; rounded up, so it never cuts the grace period short.
+            timeout_graceful_shutdown=math.ceil(max(server.shutdown_grace, 1)),
         )
     )
     stop = asyncio.Event()

@@ -13,7 +13,7 @@ import contextlib
 import hmac
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvops.worker.async_engine import AsyncLLMEngine
@@ -182,7 +182,7 @@ class ServingState:
 
     # -- turning input into token ids -----------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         tokenizer = self.engine.tokenizer
         if tokenizer is None or not tokenizer.has_chat_template:
             raise InvalidRequest(
@@ -245,7 +245,7 @@ class ServingState:
         carrier: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         stream: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Stream (choice index, output) for one client request of len(requests) choices.
 
         One span covers the request; metrics count each choice. The caller holds an `admit()`
@@ -330,17 +330,17 @@ def _min_timeout(*timeouts: float | None) -> float | None:
 
 
 async def _merge(
-    streams: list[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+    streams: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Interleave output streams as they produce; closing the merge closes them all."""
     if len(streams) == 1:
         async with contextlib.aclosing(streams[0]) as only:
             async for output in only:
                 yield 0, output
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:

@@ -401,6 +401,9 @@ class RequestTracer:
 
     def _add_phase_spans(self, parent: Span, output: RequestOutput, index: int | None) -> None:
         """Children from the engine's monotonic timestamps, converted to epoch nanoseconds."""
+        tracer = self._tracer
+        if tracer is None:  # no provider: spans are not recording, so finish_span never gets here
+            return
         epoch_offset_ns = time.time_ns() - time.monotonic_ns()
         end = output.finished_time if output.finished_time is not None else time.monotonic()
         marks = [
@@ -416,7 +419,7 @@ class RequestTracer:
         for (name, start), (_, next_start) in zip(
             reached, reached[1:] + [("end", end)], strict=True
         ):
-            child = self._tracer.start_span(
+            child = tracer.start_span(
                 name,
                 context=context,
                 start_time=epoch_offset_ns + int(start * 1e9),
