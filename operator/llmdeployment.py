@@ -159,15 +159,14 @@ def compute_resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
         builtin = spec.model.source.startswith("builtin://")
         requests = dict(BUILTIN_REQUESTS if builtin else MODEL_REQUESTS)
         limits = {}
-    if spec.gpus:
-        limits["nvidia.com/gpu"] = spec.gpus
-    resources = {}
+    resources: dict[str, Any] = {}
     if requests:
         resources["requests"] = {key: str(value) for key, value in requests.items()}
+    limits = {key: str(value) for key, value in limits.items()}
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = spec.gpus
     if limits:
-        resources["limits"] = {
-            key: value if key == "nvidia.com/gpu" else str(value) for key, value in limits.items()
-        }
+        resources["limits"] = limits
     return resources
 
 
@@ -451,6 +450,12 @@ def render_status(
     def cond(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
         return kube.condition(previous, type_, status, reason, message, generation)
 
+    if rolled_out:
+        progress = ("RolledOut", "all replicas run the current spec")
+    elif problem is not None:
+        progress = ("Stalled", "see Degraded")
+    else:
+        progress = ("RollingOut", "waiting for the Deployment's new pods")
     conditions = [
         cond(
             "Available",
@@ -458,16 +463,7 @@ def render_status(
             "MinimumReplicasReady" if available else "NoReplicasReady",
             f"{ready} of {desired} replicas ready",
         ),
-        cond(
-            "Progressing",
-            not rolled_out and problem is None,
-            "RolledOut" if rolled_out else "Stalled" if problem else "RollingOut",
-            "all replicas run the current spec"
-            if rolled_out
-            else "see Degraded"
-            if problem
-            else "waiting for the Deployment's new pods",
-        ),
+        cond("Progressing", not rolled_out and problem is None, *progress),
         cond(
             "Degraded",
             problem is not None,
