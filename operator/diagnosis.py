@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvops.operator import kube
+
 # Container states that mean the pod will not come up by waiting.
 WAITING_FAILURES = {
     "CrashLoopBackOff",
@@ -128,3 +130,12 @@ def pod_problem(pods: list[dict[str, Any]], events: list[dict[str, Any]]) -> Pro
         if problem is not None:
             return problem
     return None
+
+
+def problem_of(namespace: str, pods: list[dict[str, Any]]) -> Problem | None:
+    """`pod_problem` for pods read from the cluster; Warning events are only read (one list)
+    while some pod is stuck before its containers start."""
+    events = []
+    if needs_events(pods):
+        events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
+    return pod_problem(pods, events)

@@ -528,16 +528,6 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
     return spec, None
 
 
-def pods_problem(namespace: str, name: str) -> Problem | None:
-    """Why the worker pods do not run, from their status and (while Pending) Warning events."""
-    selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
-    pods = kube.list_objects("v1", "Pod", namespace, selector)
-    events = []
-    if diagnosis.needs_events(pods):
-        events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
-    return diagnosis.pod_problem(pods, events)
-
-
 # ---------------------------------------------------------------------------------------- handlers
 
 
@@ -578,7 +568,9 @@ def reconcile(body: dict[str, Any]) -> None:
                 deployment = applied["Deployment"]
                 for api_version, kind, stale_name in stale:
                     kube.delete(api_version, kind, stale_name, namespace)
-                problem = pods_problem(namespace, name)
+                selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+                pods = kube.list_objects("v1", "Pod", namespace, selector)
+                problem = diagnosis.problem_of(namespace, pods)
         if deployment is None:  # nothing applied: report what runs from an earlier spec
             deployment = kube.get("apps/v1", "Deployment", name, namespace)
         status = render_status(body, spec, deployment, problem)

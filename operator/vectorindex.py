@@ -362,15 +362,12 @@ def reconcile(body: dict[str, Any]) -> None:
         if spec is not None and problem is None:
             job, problem = apply_children(body, spec)
         if job is not None:
-            build_pods = kube.list_objects(
-                "v1", "Pod", namespace, f"job-name={job['metadata']['name']}"
-            )
-            result = build_result(build_pods)
             pods = kube.list_objects("v1", "Pod", namespace, f"kvops.io/vectorindex={name}")
-            events = []
-            if diagnosis.needs_events(pods):
-                events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
-            problem = diagnosis.pod_problem(pods, events)
+            job_name = job["metadata"]["name"]
+            result = build_result(
+                [p for p in pods if p["metadata"].get("labels", {}).get("job-name") == job_name]
+            )
+            problem = diagnosis.problem_of(namespace, pods)
         status = render_status(body, spec, job, result, problem)
         if problem is not None and status["phase"] == "Failed":
             kube.warn_on_new_problem(body, "Degraded", problem.reason, problem.message)
