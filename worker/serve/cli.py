@@ -91,9 +91,10 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_serve_configuration(args: argparse.Namespace, server) -> str:
+def check_serve_configuration(args: argparse.Namespace, server):
     """Everything `kvops serve` would refuse, short of loading the weights (`--check`): the
-    options, the model source, the files it reads. Returns the resolved model path."""
+    options, the model source, the files it reads. Returns the engine configuration and the
+    resolved model path."""
     from pathlib import Path
 
     from kvops.worker.weights import resolve_model
@@ -108,7 +109,7 @@ def check_serve_configuration(args: argparse.Namespace, server) -> str:
     ]:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    return resolve_model(config.model)
+    return config, resolve_model(config.model)
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:
@@ -138,7 +139,7 @@ def serve_command(args: argparse.Namespace) -> int:
         grpc_tls_cert=args.grpc_tls_cert,
         grpc_tls_key=args.grpc_tls_key,
     )
-    model_path = check_serve_configuration(args, server)
+    config, model_path = check_serve_configuration(args, server)
     if args.check:
         print(f"kvops serve: configuration OK (model {model_path})")
         return 0
@@ -149,7 +150,7 @@ def serve_command(args: argparse.Namespace) -> int:
             api_key = file.read().strip() or None
     from kvops.worker.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
+    engine = AsyncLLMEngine.from_config(config)
     options = ServingOptions(
         served_model_name=args.served_model_name or engine.model_name,
         max_queue=args.max_queue,
