@@ -39,13 +39,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Tiny requests: the fake nodes must hold every pod (the default for the built-in model, 500m
+# CPU and 4Gi, would leave most of them Pending), and the operator's work is what is measured.
+SMALL = {"requests": {"cpu": "10m", "memory": "64Mi"}}
+
+
 def manifest(count: int) -> str:
     items = [
         {
             "apiVersion": "kvops.io/v1alpha1",
             "kind": "LLMDeployment",
             "metadata": {"name": f"scale-{index:04d}", "namespace": NAMESPACE},
-            "spec": {"model": {"source": "builtin://smollm2"}, "replicas": 1, "gpus": 0},
+            "spec": {
+                "model": {"source": "builtin://smollm2"},
+                "replicas": 1,
+                "gpus": 0,
+                "resources": SMALL,
+            },
         }
         for index in range(count)
     ]

@@ -4,10 +4,14 @@ it within one reconcile, instead of waiting out a progress deadline."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import kopf
+
 from kvops.operator import kube
+from kvops.operator.api import API_VERSION
 
 # Container states that mean the pod will not come up by waiting.
 WAITING_FAILURES = {
@@ -139,3 +143,25 @@ def problem_of(namespace: str, pods: list[dict[str, Any]]) -> Problem | None:
     if needs_events(pods):
         events = kube.list_objects("v1", "Event", namespace, field_selector="type=Warning")
     return pod_problem(pods, events)
+
+
+def reconcile_on_pod_problems(
+    label: str, kind: str, reconcile: Callable[[dict[str, Any]], None]
+) -> None:
+    """Register a kopf handler: when a pod carrying `label` shows a problem in its own status
+    (crash loop, pull failure, missing Secret, unschedulable), the resource of `kind` named by
+    that label reconciles, so its status says so now. Pods are owned by ReplicaSets and Jobs, not
+    by our resources: the label finds them. Healthy pod changes are left to the Deployment and Job
+    events (a pod becoming ready changes its Deployment's status), which keeps a rollout of many
+    resources from reconciling each one per pod update."""
+
+    def on_pod(body: kopf.Body, **_: Any) -> None:
+        pod = kube.plain(body)
+        name = pod["metadata"].get("labels", {}).get(label)
+        if not name or pod_problem([pod], []) is None:
+            return
+        owner = kube.get(API_VERSION, kind, name, pod["metadata"]["namespace"])
+        if owner is not None:
+            reconcile(owner)
+
+    kopf.on.event("v1", "pods", labels={label: kopf.PRESENT}, id=f"{kind.lower()}-pods")(on_pod)

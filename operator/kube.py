@@ -11,12 +11,11 @@ import contextlib
 import datetime
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
 
-from kvops.operator.api import API_VERSION
 from kvops.operator.metrics import measured
 
 FIELD_MANAGER = "kvops-operator"
@@ -94,23 +93,6 @@ def owner_of(child: dict[str, Any], api_version: str, kind: str) -> dict[str, An
             }
             return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
     return None
-
-
-def reconcile_on_pod_events(
-    label: str, kind: str, reconcile: Callable[[dict[str, Any]], None]
-) -> None:
-    """Register a kopf handler: a pod carrying `label` changed (crashed, failed to pull, was
-    scheduled), so the resource of `kind` named by that label reconciles and its status says so
-    now. Pods are owned by ReplicaSets and Jobs, not by our resources: the label finds them."""
-
-    def on_pod(body: kopf.Body, **_: Any) -> None:
-        pod = plain(body)
-        name = pod["metadata"].get("labels", {}).get(label)
-        owner = get(API_VERSION, kind, name, pod["metadata"]["namespace"]) if name else None
-        if owner is not None:
-            reconcile(owner)
-
-    kopf.on.event("v1", "pods", labels={label: kopf.PRESENT}, id=f"{kind.lower()}-pods")(on_pod)
 
 
 def condition(

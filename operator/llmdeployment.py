@@ -601,7 +601,7 @@ def reconcile_owner(child: dict[str, Any]) -> None:
         reconcile(owner)
 
 
-kube.reconcile_on_pod_events("kvops.io/llmdeployment", "LLMDeployment", reconcile)
+diagnosis.reconcile_on_pod_problems("kvops.io/llmdeployment", "LLMDeployment", reconcile)
 
 
 # A child changed (pods became ready) or vanished (someone deleted it): reconcile its owner.

@@ -399,7 +399,7 @@ def reconcile_owner(child: dict[str, Any]) -> None:
         reconcile(owner)
 
 
-kube.reconcile_on_pod_events("kvops.io/vectorindex", "VectorIndex", reconcile)
+diagnosis.reconcile_on_pod_problems("kvops.io/vectorindex", "VectorIndex", reconcile)
 
 
 for _group_version, _plural in [
