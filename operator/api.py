@@ -46,7 +46,12 @@ RELEASE = "0.1.0"
 DEFAULT_IMAGE = f"ghcr.io/kvops/kvops-worker:{RELEASE}"
 OPERATOR_IMAGE = f"ghcr.io/kvops/kvops-operator:{RELEASE}"
 # Environment variables the operator sets itself to wire the worker to its volumes and peers.
-RESERVED_ENV = ("KVOPS_PROMPTS_DIR", "KVOPS_VECTOR_INDEX_ADDRESS", "KVOPS_RETRIEVAL_TOP_K")
+RESERVED_ENV = (
+    "KVOPS_PROMPTS_DIR",
+    "KVOPS_VECTOR_INDEX_ADDRESS",
+    "KVOPS_RETRIEVAL_TOP_K",
+    "KVOPS_MODEL_SOURCE",
+)
 
 
 class Spec(BaseModel):
@@ -77,6 +82,49 @@ class StatusBase(Spec):
 # ---------------------------------------------------------------------------------- LLMDeployment
 
 
+class ModelCache(Spec):
+    """Where hf:// and s3:// models are pulled to (kvops.operator.modelcache). By default a
+    claim per LLMDeployment, `<name>-model-cache`, shared by its replicas; `claimName` shares an
+    existing claim between every LLMDeployment that names it (one pull per revision); `emptyDir`
+    pulls into each pod (nothing to provision, every pod downloads)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.claimName) && has(self.emptyDir) && self.emptyDir)",
+                    "message": "set at most one of claimName and emptyDir",
+                }
+            ]
+        }
+    )
+
+    claim_name: str | None = Field(
+        None,
+        pattern=SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="An existing PersistentVolumeClaim to share (ReadWriteMany to span nodes)",
+    )
+    empty_dir: bool = Field(False, description="Pull into each pod's own emptyDir")
+    size: int | str = Field(
+        "100Gi",
+        json_schema_extra={"pattern": QUANTITY_PATTERN},
+        description="Size of the per-deployment claim",
+    )
+    storage_class_name: str | None = Field(None, max_length=253)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="Of the per-deployment claim: ReadWriteMany lets replicas on several nodes "
+        "share it",
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ModelCache:
+        if self.claim_name and self.empty_dir:
+            raise ValueError("model.cache: set at most one of claimName and emptyDir")
+        return self
+
+
 class ModelSource(Spec):
     source: str = Field(
         pattern=MODEL_SOURCE_PATTERN,
@@ -93,6 +141,21 @@ class ModelSource(Spec):
     )
     served_name: str | None = Field(
         None, max_length=253, description="The model name clients send; the resource's by default"
+    )
+    cache: ModelCache = Field(default_factory=ModelCache)
+    credentials_secret: str | None = Field(
+        None,
+        pattern=SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="A Secret whose keys become the pull's and the worker's environment: "
+        "HF_TOKEN for hf://, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, "
+        "AWS_REGION) for s3://",
+    )
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]+$",
+        max_length=512,
+        description="HF_ENDPOINT for hf://, AWS_ENDPOINT_URL for s3:// (a mirror, MinIO, ...)",
     )
 
 
@@ -322,6 +385,24 @@ class LLMDeploymentSpec(Spec):
         return self
 
 
+class ModelCacheStatus(Spec):
+    """The pulled model (hf://, s3://) as the pods' `model-pull` init containers report it."""
+
+    source: str | None = Field(None, description="The spec's source this describes")
+    revision: str | None = Field(
+        None,
+        description="The commit (hf://) or listing digest (s3://) the pull resolved; every pod "
+        "created since loads exactly this revision",
+    )
+    state: Literal["Pending", "Pulling", "Ready", "Failed"] | None = None
+    volume: str | None = Field(None, description="Where the cache lives")
+    bytes: int | None = Field(None, ge=0, description="The model's size")
+    files: int | None = Field(None, ge=0)
+    bytes_done: int | None = Field(None, ge=0, description="While Pulling")
+    progress: str | None = Field(None, description="The pull's last progress line")
+    message: str | None = Field(None, description="Why the pull failed")
+
+
 class LLMDeploymentStatus(StatusBase):
     phase: Literal["Pending", "Progressing", "Available", "Degraded"] | None = None
     replicas: int | None = Field(None, ge=0)
@@ -330,6 +411,7 @@ class LLMDeploymentStatus(StatusBase):
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource)")
     endpoint: str | None = None
     model: str | None = None
+    model_cache: ModelCacheStatus | None = None
 
 
 # ---------------------------------------------------------------------------------- PromptVersion
@@ -354,23 +436,125 @@ class ModelParameters(Spec):
     stop: list[str] = Field(default_factory=list, max_length=16)
 
 
+ASSERTION_KINDS = (
+    "equals",
+    "contains",
+    "notContains",
+    "regex",
+    "jsonSchema",
+    "maxLatencyMs",
+    "maxTokens",
+)
+
+
 class Assertion(Spec):
-    contains: str | None = None
-    not_contains: str | None = None
-    regex: str | None = None
+    """One check of an evaluation answer: set exactly one field."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.equals), has(self.contains), has(self.notContains), "
+                    "has(self.regex), has(self.jsonSchema), has(self.maxLatencyMs), "
+                    "has(self.maxTokens)].filter(x, x).size() == 1",
+                    "message": f"set exactly one of {', '.join(ASSERTION_KINDS)}",
+                }
+            ]
+        }
+    )
+
+    equals: str | None = Field(
+        None, max_length=32768, description="The whole answer, surrounding whitespace aside"
+    )
+    contains: str | None = Field(None, max_length=32768)
+    not_contains: str | None = Field(None, max_length=32768)
+    regex: str | None = Field(
+        None, max_length=1024, description="A Python regular expression searched in the answer"
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="The whole answer is JSON that this JSON Schema (draft 2020-12 unless "
+        "$schema says otherwise) accepts",
+    )
+    max_latency_ms: int | None = Field(
+        None, ge=1, le=3_600_000, description="The request's round trip, in milliseconds"
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, le=1048576, description="Completion tokens, as the response's usage counts them"
+    )
+
+    @model_validator(mode="after")
+    def _one_check(self) -> Assertion:
+        dumped = self.model_dump(by_alias=True, exclude_none=True)
+        if len(dumped) != 1:
+            raise ValueError(f"an assertion sets exactly one of {', '.join(ASSERTION_KINDS)}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as error:
+                raise ValueError(f"regex {self.regex!r}: {error}") from None
+        if self.json_schema is not None:
+            # Imported here: only specs with a jsonSchema assertion pay for it, not every command.
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
+            except jsonschema.SchemaError as error:
+                raise ValueError(
+                    f"jsonSchema is not a valid JSON Schema: {error.message}"
+                ) from None
+        return self
 
 
 class EvaluationCase(Spec):
     inputs: dict[str, str] = Field(default_factory=dict)
-    expect: list[Assertion] = Field(default_factory=list)
+    expect: list[Assertion] = Field(default_factory=list, max_length=32)
+
+
+class EvaluationGate(Spec):
+    min_pass_rate: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="The share of cases that must pass before this version may hold a label",
+    )
 
 
 class Evaluation(Spec):
-    llm_deployment: str = Field(pattern=NAME_PATTERN, max_length=63)
+    llm_deployment: str = Field(
+        pattern=NAME_PATTERN, max_length=63, description="The LLMDeployment the dataset runs on"
+    )
     dataset: list[EvaluationCase] = Field(min_length=1, max_length=1000)
+    gate: EvaluationGate | None = Field(
+        None,
+        description="Hold labels only after the last evaluation of this content passed",
+    )
+
+
+def _immutable(field: str) -> dict[str, Any]:
+    """A transition rule: `field` keeps its value (present or absent) once created."""
+    return {
+        "rule": f"has(self.{field}) == has(oldSelf.{field}) && "
+        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
+        "message": f"{field} is immutable: create a new PromptVersion instead",
+        "fieldPath": f".{field}",
+    }
 
 
 class PromptVersionSpec(Spec):
+    """A version's identity (prompt name, version, template, variables, model parameters) never
+    changes once created; labels and the evaluation stay editable."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _immutable("promptName"),
+                _immutable("version"),
+                _immutable("variables"),
+                _immutable("modelParameters"),
+            ]
+        }
+    )
+
     prompt_name: str = Field(pattern=NAME_PATTERN, max_length=63)
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)
     template: list[ChatMessage] = Field(
@@ -390,7 +574,8 @@ class PromptVersionSpec(Spec):
     labels: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list,
         max_length=16,
-        description="Labels such as production or canary; one version of a prompt holds a label",
+        description="Labels such as production or canary this version asks for; the newest "
+        "valid version that lists a label (and passed its gate) holds it: see status.heldLabels",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     evaluation: Evaluation | None = None
@@ -400,16 +585,31 @@ class EvaluationResult(Spec):
     time: str = Field(json_schema_extra={"format": "date-time"})
     target: str
     content_hash: str = Field(description="The content the evaluation ran on")
+    job: str | None = Field(None, description="The Job that ran it")
+    pass_rate: float = Field(ge=0.0, le=1.0)
     passed: int = Field(ge=0)
     failed: int = Field(ge=0)
     failures: list[str] = Field(default_factory=list, description="The first failed cases")
+
+
+class LabelNotHeld(Spec):
+    label: str
+    reason: str
 
 
 class PromptVersionStatus(StatusBase):
     valid: bool | None = None
     error: str | None = None
     content_hash: str | None = None
-    used_by: list[str] = Field(default_factory=list)
+    held_labels: list[str] = Field(
+        default_factory=list, description="The labels of spec.labels this version holds now"
+    )
+    labels_not_held: list[LabelNotHeld] = Field(
+        default_factory=list, description="The labels of spec.labels it does not hold, and why"
+    )
+    used_by: list[str] = Field(
+        default_factory=list, description="LLMDeployments whose prompt label resolves to it"
+    )
     last_evaluation: EvaluationResult | None = None
 
 
@@ -486,8 +686,18 @@ class Embedding(Spec):
 
 
 class Storage(Spec):
-    size: int | str = Field("1Gi", json_schema_extra={"pattern": QUANTITY_PATTERN})
+    """One claim per build (kvops.operator.vectorindex): the build Job writes it, the search pods
+    mount it read-only once the build succeeded."""
+
+    size: int | str = Field(
+        "1Gi", json_schema_extra={"pattern": QUANTITY_PATTERN}, description="Size of each build"
+    )
     storage_class_name: str | None = Field(None, max_length=253)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="ReadWriteOnce keeps a build's search pods on one node; ReadWriteMany "
+        "(a storage class that offers it, such as NFS or CephFS) spreads them over nodes",
+    )
 
 
 class VectorIndexSpec(Spec):
@@ -503,13 +713,19 @@ class VectorIndexSpec(Spec):
 
 
 class VectorIndexStatus(StatusBase):
-    phase: Literal["Pending", "Building", "Ready", "Failed"] | None = None
+    phase: (
+        Literal["Pending", "Building", "Starting", "Ready", "Built", "Degraded", "Failed"] | None
+    ) = None
+    # The build the spec asks for, and the one the search pods serve (they differ while a
+    # rebuild runs or after it failed); the figures are the served build's.
+    build_hash: str | None = None
+    served_build: str | None = None
     documents: int | None = Field(None, ge=0)
     chunks: int | None = Field(None, ge=0)
     dimension: int | None = Field(None, ge=0)
-    build_hash: str | None = None
     last_build_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
     build_duration_seconds: float | None = Field(None, ge=0)
+    ready_replicas: int | None = Field(None, ge=0)
     endpoint: str | None = None
 
 
@@ -583,6 +799,8 @@ RESOURCES = [
             _column("Endpoint", ".status.endpoint"),
             _column("Model", ".spec.model.source"),
             _column("Phase", ".status.phase"),
+            _column("Cache", ".status.modelCache.state", priority=1),
+            _column("Revision", ".status.modelCache.revision", priority=1),
             AGE,
         ],
     ),
@@ -595,8 +813,9 @@ RESOURCES = [
         columns=[
             _column("Prompt", ".spec.promptName"),
             _column("Version", ".spec.version"),
-            _column("Labels", ".spec.labels"),
+            _column("Holds", ".status.heldLabels"),
             _column("Valid", ".status.valid", "boolean"),
+            _column("Labels", ".spec.labels", priority=1),
             _column("Hash", ".status.contentHash", priority=1),
             AGE,
         ],
@@ -611,6 +830,7 @@ RESOURCES = [
         max_name_length=46,
         columns=[
             _column("Phase", ".status.phase"),
+            _column("Served", ".status.servedBuild"),
             _column("Documents", ".status.documents", "integer"),
             _column("Chunks", ".status.chunks", "integer"),
             _column("Dimension", ".status.dimension", "integer"),

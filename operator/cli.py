@@ -1,5 +1,5 @@
-"""`kvops crds` and `kvops operator`. Imports are lazy so that the worker's commands never pay
-for kopf or the Kubernetes client."""
+"""`kvops crds`, `kvops rbac`, `kvops manifests`, `kvops operator` and `kvops eval`. Imports
+are lazy so that the worker's commands never pay for kopf or the Kubernetes client."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def manifests_command(args: argparse.Namespace) -> int:
 
     from kvops.operator.rbac import install_documents
 
-    documents = install_documents(args.namespace, args.all_namespaces, args.image)
+    documents = (
+        install_documents(args.namespace, args.all_namespaces, args.image)
+        if args.image
+        else install_documents(args.namespace, args.all_namespaces)
+    )
     sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False))
     return 0
 
@@ -51,6 +55,12 @@ def operator_command(args: argparse.Namespace) -> int:
     priority = args.priority if args.priority is not None else random.randint(1, 2**30)
     run(namespaces, args.liveness, args.metrics_port, priority, args.endpoint_template)
     return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from kvops.operator.evaluation import eval_command as run
+
+    return run(args)
 
 
 def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +77,6 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     rbac.set_defaults(handler=rbac_command)
 
-    from kvops.operator.api import OPERATOR_IMAGE
-
     manifests = subparsers.add_parser(
         "manifests",
         help="print the operator's ServiceAccount, roles and Deployment (apply after `kvops crds`)",
@@ -77,7 +85,11 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     manifests.add_argument(
         "--all-namespaces", action="store_true", help="watch every namespace (a ClusterRole)"
     )
-    manifests.add_argument("--image", default=OPERATOR_IMAGE, help="the operator image")
+    # No default here: building the parser must not import the API models (pydantic), which
+    # every `kvops` start would pay for, the model-pull init container included.
+    manifests.add_argument(
+        "--image", default=None, help="the operator image (default: this release's)"
+    )
     manifests.set_defaults(handler=manifests_command)
 
     operator = subparsers.add_parser("operator", help="run the Kubernetes operator")
@@ -100,3 +112,25 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
         help="how the operator reaches an LLMDeployment's HTTP API (for prompt evaluations)",
     )
     operator.set_defaults(handler=operator_command)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="run a PromptVersion's evaluation dataset against an OpenAI-compatible endpoint",
+    )
+    evaluate.add_argument("promptversion", help="the PromptVersion manifest (YAML or JSON)")
+    evaluate.add_argument(
+        "--endpoint", required=True, help="the endpoint's base URL, e.g. http://chat.team.svc:8000"
+    )
+    evaluate.add_argument(
+        "--model", default=None, help="the model name to send (default: evaluation.llmDeployment)"
+    )
+    evaluate.add_argument("--report", default=None, help="write the JSON report to this file")
+    evaluate.add_argument(
+        "--termination-log",
+        default=None,
+        help="write a JSON summary (under 4 KiB) here: the operator's Job reads it back",
+    )
+    evaluate.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds each request may take"
+    )
+    evaluate.set_defaults(handler=eval_command)

@@ -33,6 +33,9 @@ EVENT_FAILURES = {
 }
 # A crashed container's termination message can be a whole log tail: keep its end.
 MESSAGE_TAIL = 600
+# The init container that pulls an LLMDeployment's model (kvops.operator.modelcache). It writes
+# its one-line error (`kvops: error: unknown repository: ...`) as its termination message.
+MODEL_PULL_CONTAINER = "model-pull"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,26 @@ def termination_summary(terminated: dict[str, Any]) -> str:
     return summary
 
 
+def _pull_problem(pod: dict[str, Any]) -> Problem | None:
+    """A failed model pull, at its first failure: the kubelet retries it with a growing back-off,
+    which no waiting mends (the source, the credentials or the disk must change)."""
+    for container in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if container["name"] != MODEL_PULL_CONTAINER:
+            continue
+        state = container.get("state") or {}
+        last = (container.get("lastState") or {}).get("terminated") or {}
+        terminated = state.get("terminated") or ({} if "running" in state else last)
+        if terminated.get("exitCode", 0) != 0:
+            message = (terminated.get("message") or "").strip()
+            detail = _tail(message) if message else termination_summary(terminated)
+            return Problem("ModelPullFailed", f"pod {pod['metadata']['name']}: {detail}")
+    return None
+
+
 def _container_problem(pod: dict[str, Any]) -> Problem | None:
+    pull = _pull_problem(pod)
+    if pull is not None:
+        return pull
     name = pod["metadata"]["name"]
     status = pod.get("status") or {}
     restart_never = (pod.get("spec") or {}).get("restartPolicy") == "Never"

@@ -204,6 +204,21 @@ def list_objects(
     return result.to_dict()["items"]
 
 
+def pod_log_tail(namespace: str, pod: str, container: str, lines: int = 5) -> str:
+    """The last lines of a container's log ("" when there is none yet or the pod is gone)."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return str(
+            CoreV1Api(_dynamic().client).read_namespaced_pod_log(
+                pod, namespace, container=container, tail_lines=lines
+            )
+        )
+    except ApiException:
+        return ""
+
+
 def delete(api_version: str, kind: str, name: str, namespace: str) -> bool:
     """Delete (the children of a Job too); False when it was already gone."""
     from kubernetes.dynamic.exceptions import NotFoundError

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from kvops.operator import contract, diagnosis, kube
+from kvops.operator import contract, diagnosis, kube, modelcache
 from kvops.operator.api import API_VERSION, LLMDeploymentSpec, name_problem
 from kvops.operator.diagnosis import Problem
 from kvops.operator.pods import (
@@ -20,9 +20,14 @@ from kvops.operator.pods import (
     restricted_container_security,
     restricted_pod_security,
 )
-from kvops.operator.prompts import holder_of_label
+from kvops.operator.prompts import served_prompts
 
 PROMPTS_DIR = "/etc/kvops/prompts"
+PROMPTS_FILE = "prompts.json"
+# Ratings of answers (POST /v1/feedback) are appended here, on the `feedback` emptyDir: it
+# survives container restarts (a crash, an OOM kill), not the pod's deletion.
+FEEDBACK_DIR = "/var/lib/kvops/feedback"
+FEEDBACK_LOG = f"{FEEDBACK_DIR}/feedback.jsonl"
 MODELS_DIR = "/models"
 # The root filesystem is read-only: everything the worker writes (kernel and compiler caches,
 # downloads) goes to the `cache` emptyDir. The worker image sets the same defaults.
@@ -35,8 +40,6 @@ CACHE_ENV = {
     "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
     "TORCH_EXTENSIONS_DIR": f"{CACHE_DIR}/torch_extensions",
 }
-# Model sources the worker of this release loads; the others are refused with a condition.
-LOADABLE_SOURCES = ("builtin://", "pvc://")
 # Requests when the spec names none: the built-in model needs about 1.4 GiB resident on the CPU
 # plus the engine's 2 GiB CPU KV cache; other models are staged in host memory on their way to
 # the GPU.
@@ -58,15 +61,11 @@ def spec_hash(spec: LLMDeploymentSpec) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def source_problem(source: str) -> str | None:
-    """Why the worker of this release cannot load `source`, if it cannot."""
-    if source.startswith(LOADABLE_SOURCES):
+def model_claim(source: str) -> str | None:
+    """The claim a pvc:// source reads the model from."""
+    if not source.startswith("pvc://"):
         return None
-    scheme = source.split("://", 1)[0]
-    return (
-        f"model source {source}: this kvops worker cannot load {scheme}:// models yet; "
-        "use builtin://smollm2 or a model folder on a PersistentVolumeClaim (pvc://claim/path)"
-    )
+    return source.removeprefix("pvc://").split("/", 1)[0]
 
 
 def model_argument(source: str) -> str:
@@ -75,7 +74,9 @@ def model_argument(source: str) -> str:
         return "default"
     if source.startswith("pvc://"):
         return f"{MODELS_DIR}/{source.removeprefix('pvc://')}"
-    return source  # hf:// and s3:// are fetched by the worker into its cache
+    # hf:// and s3://: the `model-pull` init container has fetched it into the cache volume;
+    # the source (pinned once resolved) comes from the `<name>-model` ConfigMap.
+    return f"$({modelcache.SOURCE_ENV})"
 
 
 def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
@@ -109,6 +110,8 @@ def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
         args += ["--max-model-len", str(engine.max_model_len)]
     if not engine.prefix_caching:
         args.append("--no-prefix-caching")
+    if modelcache.is_pulled(spec.model.source):
+        args += ["--model-cache", modelcache.CACHE_MOUNT]
     return args
 
 
@@ -121,6 +124,8 @@ def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict
         {"name": "OTEL_SERVICE_NAME", "value": f"kvops-worker.{name}"},
         {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
         {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(spec.observability.sampling_ratio)},
+        {"name": "KVOPS_FEEDBACK_LOG", "value": FEEDBACK_LOG},
+        *modelcache.endpoint_variables(spec),
     ]
     if spec.observability.otlp_endpoint:
         env.append(
@@ -138,6 +143,8 @@ def environment(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[dict
             {"name": "KVOPS_RETRIEVAL_TOP_K", "value": str(spec.retrieval.top_k)},
         ]
     env = [var for var in env if var["name"] not in user_names]
+    if modelcache.is_pulled(spec.model.source):
+        env.append(modelcache.source_variable(name))
     for var in spec.env:
         if var.secret_key_ref is not None:
             ref = var.secret_key_ref
@@ -193,20 +200,26 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "feedback", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": "/cache"},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "feedback", "mountPath": FEEDBACK_DIR},
     ]
     if spec.prompts:
         volumes.append({"name": "prompts", "configMap": {"name": f"{name}-prompts"}})
         mounts.append({"name": "prompts", "mountPath": PROMPTS_DIR, "readOnly": True})
-    if spec.model.source.startswith("pvc://"):
-        claim = spec.model.source.removeprefix("pvc://").split("/", 1)[0]
+    claim = model_claim(spec.model.source)
+    if claim is not None:
         volumes.append(
             {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
         mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+    pulled = modelcache.is_pulled(spec.model.source)
+    if pulled:
+        volumes.append(modelcache.cache_volume(name, spec))
+        mounts.append({"name": modelcache.CACHE_VOLUME, "mountPath": modelcache.CACHE_MOUNT})
 
     node_selector = dict(spec.node_selector)
     if spec.gpu_product:
@@ -238,6 +251,8 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
         "securityContext": restricted_container_security(),
         "volumeMounts": mounts,
     }
+    if modelcache.credentials(spec):
+        container["envFrom"] = modelcache.credentials(spec)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": restricted_pod_security(),
@@ -246,6 +261,11 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
         "containers": [container],
         "volumes": volumes,
     }
+    if pulled:
+        # The download happens here, before the worker starts: its startup probe times the load.
+        pod_spec["initContainers"] = [
+            modelcache.pull_container(container, compute_resources(spec), mounts)
+        ]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
@@ -268,8 +288,9 @@ def render_deployment(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
         "spec": {
             "replicas": spec.replicas,
             "strategy": rollout_strategy(spec),
-            # The rollout may take the model's load time and a pull of a large image.
-            "progressDeadlineSeconds": spec.startup_timeout_seconds + 300,
+            # The rollout may take the model's load time and a pull of a large image (and of
+            # the model itself: an hour for tens of gigabytes on a slow link).
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + 300 + 3600 * pulled,
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {
@@ -305,36 +326,19 @@ def render_service(owner: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_prompts_config_map(
-    owner: dict[str, Any], spec: LLMDeploymentSpec, versions: dict[tuple[str, str], dict]
+    owner: dict[str, Any], spec: LLMDeploymentSpec, versions: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One JSON file per prompt reference with the PromptVersion that holds the label now.
-
-    `versions` maps (prompt name, label) to that PromptVersion object; a reference no version
-    holds yet is written as unresolved so the worker can say why it is missing.
-    """
-    data = {}
-    for ref in spec.prompts:
-        version = versions.get((ref.name, ref.label))
-        entry: dict[str, Any] = {"name": ref.name, "label": ref.label}
-        if version is None:
-            entry["resolved"] = False
-        else:
-            pv_spec = version["spec"]
-            entry.update(
-                resolved=True,
-                promptVersion=version["metadata"]["name"],
-                version=pv_spec["version"],
-                contentHash=(version.get("status") or {}).get("contentHash"),
-                template=pv_spec["template"],
-                variables=pv_spec.get("variables", []),
-                modelParameters=pv_spec.get("modelParameters", {}),
-            )
-        data[f"{ref.name}.{ref.label}.json"] = json.dumps(entry, indent=2, sort_keys=True)
+    """One file, `prompts.json`, so that the worker sees a kubelet update whole: for each
+    referenced prompt the labels some version holds now and its servable versions, and the
+    references no version holds, with why (kvops.operator.prompts.served_prompts).
+    `versions` are the namespace's PromptVersion objects."""
+    refs = [(ref.name, ref.label) for ref in spec.prompts]
+    content = served_prompts(refs, versions)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(owner, f"{owner['metadata']['name']}-prompts"),
-        "data": data,
+        "data": {PROMPTS_FILE: json.dumps(content, indent=1, sort_keys=True)},
     }
 
 
@@ -388,13 +392,56 @@ def render_autoscaler(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[st
     }
 
 
-def render(
-    owner: dict[str, Any], spec: LLMDeploymentSpec, versions: dict[tuple[str, str], dict]
+def render_model_children(
+    owner: dict[str, Any], spec: LLMDeploymentSpec, pinned: str
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
-    """(children to apply, (apiVersion, kind, name) of optional children to delete)."""
+    """The `<name>-model` ConfigMap (the source pods pull, `pinned` once resolved) and the
+    per-deployment cache claim, for hf:// and s3:// sources; else both are deleted."""
     name = owner["metadata"]["name"]
-    apply = [render_deployment(owner, spec), render_service(owner), render_disruption_budget(owner)]
-    delete = []
+    claim = f"{name}-model-cache"
+    apply, delete = [], []
+    if modelcache.is_pulled(spec.model.source):
+        apply.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": metadata(owner, modelcache.config_map_name(name)),
+                "data": {modelcache.SOURCE_KEY: pinned},
+            }
+        )
+    else:
+        delete.append(("v1", "ConfigMap", modelcache.config_map_name(name)))
+    claim_spec = modelcache.claim_spec(spec) if modelcache.is_pulled(spec.model.source) else None
+    if claim_spec is not None:
+        apply.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": metadata(owner, claim),
+                "spec": claim_spec,
+            }
+        )
+    elif claim not in (spec.model.cache.claim_name, model_claim(spec.model.source)):
+        delete.append(("v1", "PersistentVolumeClaim", claim))  # a claim the user names stays
+    return apply, delete
+
+
+def render(
+    owner: dict[str, Any],
+    spec: LLMDeploymentSpec,
+    versions: list[dict[str, Any]],
+    pinned: str | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+    """(children to apply, (apiVersion, kind, name) of optional children to delete).
+    `pinned`: the model source new pods pull (modelcache.pinned_source), the spec's by default."""
+    name = owner["metadata"]["name"]
+    # The model's ConfigMap and claim first: the Deployment's pods need them to start.
+    apply, delete = render_model_children(owner, spec, pinned or spec.model.source)
+    apply += [
+        render_deployment(owner, spec),
+        render_service(owner),
+        render_disruption_budget(owner),
+    ]
     if spec.prompts:
         apply.append(render_prompts_config_map(owner, spec, versions))
     else:
@@ -421,9 +468,11 @@ def render_status(
     spec: LLMDeploymentSpec | None,
     deployment: dict[str, Any] | None,
     problem: Problem | None = None,
+    model_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The LLMDeployment's status from its Deployment (None: not created yet) and the first
-    problem found with the spec, the children or the pods (None: none)."""
+    """The LLMDeployment's status from its Deployment (None: not created yet), the first
+    problem found with the spec, the children or the pods (None: none) and the pulled model's
+    cache (modelcache.cache_status; None: left as it is)."""
     name = owner["metadata"]["name"]
     namespace = owner["metadata"]["namespace"]
     generation = owner["metadata"].get("generation")
@@ -498,6 +547,8 @@ def render_status(
     }
     if spec is not None:
         status["model"] = spec.model.served_name or spec.model.source
+    if model_cache is not None:
+        status["modelCache"] = model_cache
     return status
 
 
@@ -510,9 +561,6 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
         spec = LLMDeploymentSpec.model_validate(body["spec"])
     except ValueError as error:
         return None, Problem("InvalidSpec", str(error))
-    message = source_problem(spec.model.source)
-    if message is not None:
-        return spec, Problem("UnsupportedModelSource", message)
     if spec.model.quantization != "none":
         return spec, Problem(
             "UnsupportedQuantization",
@@ -531,17 +579,11 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
 # ---------------------------------------------------------------------------------------- handlers
 
 
-def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> dict[tuple[str, str], dict]:
-    """For each (prompt, label) the deployment references, the valid version that holds it."""
+def resolve_prompts(namespace: str, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    """The PromptVersions the prompt ConfigMap is rendered from (none without references)."""
     if not spec.prompts:
-        return {}
-    all_versions = kube.list_objects(API_VERSION, "PromptVersion", namespace)
-    resolved = {}
-    for ref in spec.prompts:
-        version = holder_of_label(all_versions, ref.name, ref.label)
-        if version is not None:
-            resolved[(ref.name, ref.label)] = version
-    return resolved
+        return []
+    return kube.list_objects(API_VERSION, "PromptVersion", namespace)
 
 
 def reconcile(body: dict[str, Any]) -> None:
@@ -554,8 +596,19 @@ def reconcile(body: dict[str, Any]) -> None:
         namespace = body["metadata"]["namespace"]
         spec, problem = spec_problem(body)
         deployment = None
+        model_cache = None
         if spec is not None and problem is None:
-            children, stale = render(body, spec, resolve_prompts(namespace, spec))
+            selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+            pods = kube.list_objects("v1", "Pod", namespace, selector)
+            model_cache = modelcache.cache_status(
+                name,
+                spec,
+                pods,
+                (body.get("status") or {}).get("modelCache"),
+                lambda pod: kube.pod_log_tail(namespace, pod, modelcache.PULL_CONTAINER),
+            )
+            pinned = modelcache.pinned_source(spec, model_cache)
+            children, stale = render(body, spec, resolve_prompts(namespace, spec), pinned)
             problem_text = contract.children_problem(children)
             if problem_text is not None:
                 problem = Problem("UnsupportedCommand", problem_text)
@@ -568,12 +621,10 @@ def reconcile(body: dict[str, Any]) -> None:
                 deployment = applied["Deployment"]
                 for api_version, kind, stale_name in stale:
                     kube.delete(api_version, kind, stale_name, namespace)
-                selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
-                pods = kube.list_objects("v1", "Pod", namespace, selector)
                 problem = diagnosis.problem_of(namespace, pods)
         if deployment is None:  # nothing applied: report what runs from an earlier spec
             deployment = kube.get("apps/v1", "Deployment", name, namespace)
-        status = render_status(body, spec, deployment, problem)
+        status = render_status(body, spec, deployment, problem, model_cache)
         if status["phase"] == "Degraded":
             degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
             kube.warn_on_new_problem(body, "Degraded", degraded["reason"], degraded["message"])

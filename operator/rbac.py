@@ -19,7 +19,7 @@ def rules(clusterwide: bool) -> list[dict[str, Any]]:
     plurals = [resource.plural for resource in RESOURCES]
     peering = "clusterkopfpeerings" if clusterwide else "kopfpeerings"
     return [
-        # kopf patches annotations (its progress) and the operator moves PromptVersion labels.
+        # kopf patches annotations (its progress); the operator never writes a spec.
         {"apiGroups": [GROUP], "resources": plurals, "verbs": ["get", "list", "watch", "patch"]},
         {
             "apiGroups": [GROUP],
@@ -34,9 +34,12 @@ def rules(clusterwide: bool) -> list[dict[str, Any]]:
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": APPLY},
         {"apiGroups": [""], "resources": ["services"], "verbs": APPLY},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*APPLY, "delete"]},
-        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": APPLY},
+        # A VectorIndex drops the claims of builds it no longer serves.
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": [*APPLY, "delete"]},
         # Pod status and Warning events are how a worker's failure reaches the owner's status.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        # The progress line of a running `model-pull` init container (status.modelCache).
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": APPLY},
         {
             "apiGroups": ["autoscaling"],
