@@ -16,9 +16,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # Imports inside functions are allowed only where they keep start-up cheap, never to dodge a
 # cycle: the CLI entry points load the component a subcommand needs, not both, and the attention
 # backends load only the kernel module they run (Triton is not in the CPU image).
-LAZY_ALLOWED = {"kvops.worker.serve.cli", "kvops.operator.cli", "kvops.worker.ops.attention"}
+LAZY_ALLOWED = {
+    "kvops.worker.serve.cli",
+    "kvops.operator.cli",
+    "kvops.worker.ops.attention",
+    "kvops.worker.rag.cli",
+    # A model pull loads only its source's client (huggingface_hub, boto3; torch for builtin://).
+    "kvops.worker.models.cli",
+    "kvops.worker.models.pull",
+}
 # What the servers (worker/serve/, but the CLI) may import from the rest of the worker.
-SERVER_DOORS = {"kvops.worker.async_engine", "kvops.worker.request"}
+# RAG adds the retrieval library's client (search a VectorIndex), embedder (groundedness,
+# /v1/embeddings) and groundedness scorer: the servers use it, never the index itself.
+SERVER_DOORS = {
+    "kvops.worker.async_engine",
+    "kvops.worker.request",
+    "kvops.worker.rag.client",
+    "kvops.worker.rag.embedding",
+    "kvops.worker.rag.grounding",
+}
+# What the worker (but the CLI, which also carries the operator's commands) may import from the
+# operator: the pure prompt logic and the models it reads (pydantic and jinja2 only), so that a
+# managed prompt renders by one implementation in an evaluation and in serving.
+OPERATOR_DOORS = {"kvops.operator.prompts", "kvops.operator.api"}
 
 
 def modules() -> dict[str, Path]:
@@ -121,6 +141,22 @@ def test_the_servers_see_the_engine_only_through_the_async_engine():
         for name in servers
     }
     assert {name: targets for name, targets in reach.items() if targets} == {}
+
+
+def test_the_worker_imports_of_the_operator_only_its_pure_prompt_logic():
+    reach = {
+        name: sorted(
+            t
+            for t in all_imports(name)
+            if t.startswith("kvops.operator.") and t not in OPERATOR_DOORS
+        )
+        for name in MODULES
+        if name.startswith("kvops.worker.") and name != "kvops.worker.serve.cli"
+    }
+    assert {name: targets for name, targets in reach.items() if targets} == {}
+    # The doors stay pure: they reach no other kvops module (the operator runtime, kube, kopf).
+    for door in OPERATOR_DOORS:
+        assert not {t for t in all_imports(door) if t.startswith("kvops.")} - OPERATOR_DOORS
 
 
 def test_the_operator_never_imports_the_engine_or_torch():

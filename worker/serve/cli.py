@@ -14,8 +14,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=defaults.model,
-        help="default, a HF folder, a .gguf file, or dummy:<preset>",
+        help="default, a HF folder, a .gguf file, dummy:<preset>, or a source pulled into "
+        "--model-cache: hf://org/name[@revision], s3://bucket/prefix, pvc://claim/path, "
+        "builtin://smollm2",
     )
+    from kvops.worker.models.cli import add_model_cache_argument  # argparse only
+
+    add_model_cache_argument(parser, "--model-cache")
     parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES)
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
@@ -59,6 +64,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from kvops.worker.async_engine import AsyncLLMEngine
     from kvops.worker.request import SamplingParams
 
+    pull_model_source(args)
     engine = AsyncLLMEngine.from_config(engine_config_from_args(args))
     tokenizer = engine.tokenizer
     if tokenizer is None:
@@ -91,6 +97,24 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def pull_model_source(args: argparse.Namespace, inspect_only: bool = False) -> str | None:
+    """A `--model` source (hf://, s3://, pvc://, builtin://) is pulled into --model-cache, and
+    args.model becomes the local folder or file; with `inspect_only` (`serve --check`) it is only
+    resolved and listed. Returns a description of the source, None for a local --model."""
+    from kvops.worker.models.sources import is_model_source
+
+    if not is_model_source(args.model):
+        return None
+    from kvops.worker.models.pull import inspect, pull
+
+    if inspect_only:
+        found = inspect(args.model, args.model_cache)
+    else:
+        found = pull(args.model, args.model_cache)
+        args.model = found.path
+    return f"{found.source} at {found.revision}: {found.files} files, {found.bytes} bytes"
+
+
 def check_serve_configuration(args: argparse.Namespace, server):
     """Everything `kvops serve` would refuse, short of loading the weights (`--check`): the
     options, the model source, the files it reads. Returns the engine configuration and the
@@ -100,8 +124,19 @@ def check_serve_configuration(args: argparse.Namespace, server):
     from kvops.worker.weights import resolve_model
 
     server.validate()
+    source = pull_model_source(args, inspect_only=args.check)
     config = engine_config_from_args(args)
     config.validate()
+    from kvops.worker.serve.openai_protocol import MAX_RETRIEVAL_TOP_K
+
+    if args.vector_index is not None:
+        host, _, port = args.vector_index.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--vector-index {args.vector_index!r}: expected HOST:PORT")
+    if not 1 <= args.retrieval_top_k <= MAX_RETRIEVAL_TOP_K:
+        raise ValueError(
+            f"--retrieval-top-k must be from 1 to {MAX_RETRIEVAL_TOP_K}, got {args.retrieval_top_k}"
+        )
     for flag, path in [
         ("--grpc-tls-cert", args.grpc_tls_cert),
         ("--grpc-tls-key", args.grpc_tls_key),
@@ -109,6 +144,8 @@ def check_serve_configuration(args: argparse.Namespace, server):
     ]:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    if source is not None and args.check:
+        return config, source
     return config, resolve_model(config.model)
 
 
@@ -156,6 +193,10 @@ def serve_command(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         api_key=api_key,
+        prompts_dir=args.prompts_dir,
+        feedback_log=args.feedback_log,
+        vector_index=args.vector_index,
+        retrieval_top_k=args.retrieval_top_k,
     )
     return asyncio.run(serve(engine, options, server))
 
@@ -206,6 +247,33 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     serve.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
     serve.add_argument("--grpc-tls-key", default=None, help="PEM private key for --grpc-tls-cert")
     serve.add_argument(
+        "--prompts-dir",
+        default=os.environ.get("KVOPS_PROMPTS_DIR") or None,
+        help="folder of the operator's prompts.json: managed prompts, reloaded when it changes "
+        "(default $KVOPS_PROMPTS_DIR)",
+    )
+    serve.add_argument(
+        "--feedback-log",
+        default=os.environ.get("KVOPS_FEEDBACK_LOG") or None,
+        help="JSON-lines file that POST /v1/feedback and the Feedback RPC append to "
+        "(default $KVOPS_FEEDBACK_LOG; unset: feedback is counted and traced only)",
+    )
+    serve.add_argument(
+        "--vector-index",
+        default=os.environ.get("KVOPS_VECTOR_INDEX_ADDRESS") or None,
+        metavar="HOST:PORT",
+        help="gRPC address of a VectorIndex's search server (`kvops index serve`): chat requests "
+        "retrieve from it (RAG) and /v1/search proxies to it "
+        "(default $KVOPS_VECTOR_INDEX_ADDRESS)",
+    )
+    serve.add_argument(
+        "--retrieval-top-k",
+        type=int,
+        default=os.environ.get("KVOPS_RETRIEVAL_TOP_K") or "4",
+        help="chunks a chat request retrieves unless it says otherwise "
+        "(default $KVOPS_RETRIEVAL_TOP_K or 4)",
+    )
+    serve.add_argument(
         "--check",
         action="store_true",
         help="check the options, the model source and the files they name, then exit "
@@ -214,8 +282,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     add_engine_arguments(serve)
     serve.set_defaults(handler=serve_command)
     from kvops.operator.cli import add_operator_commands  # kopf itself is imported lazily
+    from kvops.worker.models.cli import add_model_commands  # argparse only
+    from kvops.worker.rag.cli import add_index_commands  # argparse only
 
     add_operator_commands(commands)
+    add_model_commands(commands)
+    add_index_commands(commands)
     return parser
 
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvops.operator.api import ModelParameters
 from kvops.v1 import engine_pb2, engine_pb2_grpc
 from kvops.worker.request import RequestOutput, SamplingParams
+from kvops.worker.serve.openai_protocol import RetrievalField
+from kvops.worker.serve.prompts import ResolvedPrompt
+from kvops.worker.serve.retrieval import RagAnswer, Retrieval, Retrieved
 from kvops.worker.serve.service import (
     InvalidRequest,
     Overloaded,
     ServingError,
     ServingState,
     Unauthenticated,
+    attributed_to,
 )
+from kvops.worker.serve.telemetry import Carrier
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 # Probes and tooling need no key: the health and reflection services stay open.
@@ -25,32 +32,55 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
-    """Generate, Tokenize and ListModels; the RPCs of later features stay UNIMPLEMENTED."""
+    """Generate (with RAG for chat and managed prompts, as HTTP's chat completions), Tokenize,
+    ListModels, RenderPrompt, Feedback, Embed and Search."""
 
-    def __init__(self, state: ServingState):
+    def __init__(self, state: ServingState, retrieval: Retrieval):
         self.state = state
+        self.retrieval = retrieval
 
     async def Generate(self, request: engine_pb2.GenerateRequest, context):  # noqa: N802
         state = self.state
         try:
             state.check_model(request.model)
-            prompt_ids = self._prompt_ids(request)
-            params = _sampling_params(request.sampling, state.remaining_context(prompt_ids))
-            request_id = request.request_id or state.new_request_id("gen")
-            requests = state.make_requests(prompt_ids, [params], request_id)
-            outputs = state.generate(
-                requests,
-                request_id,
-                operation="generate",
-                carrier=context.invocation_metadata(),
-                stream=True,
-                timeout=context.time_remaining(),
-            )
-            # Closed at once when the client cancels, so that the engine aborts the request then.
-            with state.admit():
-                async with contextlib.aclosing(outputs):
-                    async for _, output in outputs:
-                        yield self._response(request_id, output)
+            prompt = None
+            if request.HasField("prompt_reference"):
+                prompt = self._resolve(request.prompt_reference)
+            with attributed_to(prompt):
+                started_ns = time.time_ns()  # the request span covers retrieval
+                carrier = context.invocation_metadata()
+                prompt_ids, retrieved = await self._input(request, prompt, carrier)
+                params = _sampling_params(
+                    request.sampling,
+                    state.remaining_context(prompt_ids),
+                    None if prompt is None else prompt.model_parameters,
+                )
+                request_id = request.request_id or state.new_request_id("gen")
+                label = None if prompt is None else prompt.label
+                rag = None
+                if retrieved is not None:
+                    rag = RagAnswer(self.retrieval, retrieved, label, request_id)
+                requests = state.make_requests(prompt_ids, [params], request_id)
+                outputs = state.generate(
+                    requests,
+                    request_id,
+                    operation="generate",
+                    carrier=carrier,
+                    stream=True,
+                    timeout=context.time_remaining(),
+                    prompt=label,
+                    started_ns=None if rag is None else started_ns,
+                )
+                responses = self._responses(request_id, outputs, prompt, rag)
+                with state.admit():
+                    try:
+                        # Closed at once when the client cancels, so that the engine aborts then.
+                        async with contextlib.aclosing(responses):
+                            async for response in responses:
+                                yield response
+                    finally:
+                        if rag is not None:
+                            rag.report_unscored()
         except ServingError as error:
             await _abort(state, context, error)
 
@@ -69,18 +99,134 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         )
         return engine_pb2.ListModelsResponse(models=[model])
 
-    def _prompt_ids(self, request: engine_pb2.GenerateRequest) -> list[int]:
+    async def RenderPrompt(self, request: engine_pb2.RenderPromptRequest, context):  # noqa: N802
+        try:
+            prompt = self._resolve(request.prompt)
+            with attributed_to(prompt):
+                messages = self.state.render_prompt(prompt, request.prompt.variables)
+        except ServingError as error:
+            await _abort(self.state, context, error)
+        return engine_pb2.RenderPromptResponse(
+            messages=[engine_pb2.ChatMessage(**m) for m in messages],
+            prompt_used=_prompt_used(prompt),
+        )
+
+    async def Feedback(self, request: engine_pb2.FeedbackRequest, context):  # noqa: N802
+        rating = request.WhichOneof("rating")
+        try:
+            if rating is None:
+                raise InvalidRequest("one of score or thumb is required", "rating")
+            answered, given = await self.state.feedback(
+                request.request_id, getattr(request, rating), request.comment or None
+            )
+        except ServingError as error:
+            await _abort(self.state, context, error)
+        response = engine_pb2.FeedbackResponse(model=answered.model, score=given.score)
+        if answered.prompt is not None:
+            response.prompt.name = answered.prompt.name
+            response.prompt.version = answered.prompt.version
+        return response
+
+    async def Embed(self, request: engine_pb2.EmbedRequest, context):  # noqa: N802
+        try:
+            self.retrieval.check_embedding_model(request.model)
+            vectors, _ = await self.retrieval.embed(list(request.inputs))
+        except ServingError as error:
+            await _abort(self.state, context, error)
+        return engine_pb2.EmbedResponse(
+            embeddings=[engine_pb2.Embedding(values=vector) for vector in vectors]
+        )
+
+    async def Search(self, request: engine_pb2.SearchRequest, context):  # noqa: N802
+        """A proxy to the configured VectorIndex; NOT_FOUND without one."""
+        try:
+            hits = await self.retrieval.search(
+                request.query, request.top_k or None, dict(request.filters)
+            )
+        except ServingError as error:
+            await _abort(self.state, context, error)
+        return engine_pb2.SearchResponse(
+            hits=[
+                engine_pb2.SearchHit(
+                    document_id=hit["source"],
+                    text=hit["text"],
+                    score=hit["score"],
+                    chunk_id=hit["chunk_id"],
+                    source=hit["source"],
+                    metadata=hit["metadata"],
+                )
+                for hit in hits
+            ]
+        )
+
+    def _resolve(self, reference: engine_pb2.PromptReference) -> ResolvedPrompt:
+        return self.state.resolve_prompt(reference.name, reference.version, reference.label)
+
+    async def _input(
+        self, request: engine_pb2.GenerateRequest, prompt: ResolvedPrompt | None, carrier: Carrier
+    ) -> tuple[list[int], Retrieved | None]:
+        """The prompt's token ids, and the chunks retrieved into it (chat and managed prompts
+        only: raw text and token ids are the client's own prompt, as in /v1/completions)."""
         kind = request.WhichOneof("input")
-        if kind == "prompt":
-            return self.state.text_prompt_ids(request.prompt)
-        if kind == "prompt_token_ids":
-            return list(request.prompt_token_ids.ids)
-        if kind == "chat":
-            if not request.chat.messages:
-                raise InvalidRequest("chat.messages must not be empty", "chat.messages")
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            return self.state.chat_prompt_ids(messages)
-        raise InvalidRequest("one of prompt, prompt_token_ids or chat is required", "input")
+        requested = _retrieval_requested(request, self.retrieval)
+        if prompt is None and kind in ("prompt", "prompt_token_ids"):
+            if requested is not None and requested is not False:
+                raise InvalidRequest(
+                    f"retrieval needs chat messages or a prompt_reference, not {kind}",
+                    "retrieval",
+                )
+            if kind == "prompt":
+                return self.state.text_prompt_ids(request.prompt), None
+            return list(request.prompt_token_ids.ids), None
+        if prompt is not None and kind not in ("chat", None):
+            raise InvalidRequest(
+                f"prompt_reference takes chat messages or none, not {kind}", "input"
+            )
+        if prompt is None and kind is None:
+            raise InvalidRequest(
+                "one of prompt, prompt_token_ids, chat or prompt_reference is required", "input"
+            )
+        if prompt is None and not request.chat.messages:
+            raise InvalidRequest("chat.messages must not be empty", "chat.messages")
+        variables = {} if prompt is None else dict(request.prompt_reference.variables)
+        messages, retrieved = await self.retrieval.chat_messages(
+            requested, prompt, variables, _messages(request.chat), carrier
+        )
+        return self.state.chat_prompt_ids(messages), retrieved
+
+    async def _responses(
+        self,
+        request_id: str,
+        outputs: AsyncGenerator[tuple[int, RequestOutput], None],
+        prompt: ResolvedPrompt | None,
+        rag: RagAnswer | None,
+    ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
+        """One message per output: the first with the prompt used and the citations, the last
+        with the groundedness, scored once the request's span has ended (as HTTP does)."""
+        final: RequestOutput | None = None
+        last: engine_pb2.GenerateResponse | None = None
+        async with contextlib.aclosing(outputs):
+            first = True
+            async for _, output in outputs:
+                response = self._response(request_id, output)
+                if first and prompt is not None:
+                    response.prompt_used.CopyFrom(_prompt_used(prompt))
+                if first and rag is not None:
+                    response.citations.extend(
+                        engine_pb2.Citation(**citation) for citation in rag.retrieved.citations()
+                    )
+                first = False
+                if output.finished:
+                    final, last = output, response
+                else:
+                    yield response
+        if final is None or last is None:
+            return
+        if rag is not None:
+            grounded = await rag.score([final.text])
+            if grounded is not None:
+                last.groundedness.CopyFrom(engine_pb2.Groundedness(**grounded))
+        yield last
 
     def _response(self, request_id: str, output: RequestOutput) -> engine_pb2.GenerateResponse:
         token_text = self.state.token_text
@@ -117,13 +263,51 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 _ENGINE_DEFAULTED = ("top_p", "seed", "logprobs")
 
 
-def _sampling_params(sampling: engine_pb2.SamplingParams, context_left: int) -> SamplingParams:
+def _retrieval_requested(
+    request: engine_pb2.GenerateRequest, retrieval: Retrieval
+) -> bool | RetrievalField | None:
+    """The `retrieval` option as HTTP's `retrieval` field reads: unset (None), disabled (False)
+    or the request's top_k and filters."""
+    if not request.HasField("retrieval"):
+        return None
+    options = request.retrieval
+    if options.disabled:
+        if options.top_k or options.filters:
+            raise InvalidRequest(
+                "retrieval.disabled takes no top_k or filters", "retrieval.disabled"
+            )
+        return False
+    top_k = retrieval.checked_top_k(options.top_k) if options.top_k else None
+    return RetrievalField(top_k=top_k, filters=dict(options.filters))
+
+
+def _messages(chat: engine_pb2.ChatMessages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+def _prompt_used(prompt: ResolvedPrompt) -> engine_pb2.PromptUsed:
+    return engine_pb2.PromptUsed(
+        name=prompt.name, version=prompt.version, content_hash=prompt.content_hash
+    )
+
+
+def _sampling_params(
+    sampling: engine_pb2.SamplingParams, context_left: int, prompt: ModelParameters | None
+) -> SamplingParams:
+    """The request's sampling; a managed prompt's model parameters fill what it leaves unset."""
     given = {name: getattr(sampling, name) for name in _ENGINE_DEFAULTED if sampling.HasField(name)}
+    defaults = prompt or ModelParameters()
+    if "top_p" not in given and defaults.top_p is not None:
+        given["top_p"] = defaults.top_p
+    if sampling.HasField("temperature"):
+        temperature = sampling.temperature
+    else:
+        temperature = defaults.temperature if defaults.temperature is not None else 0.0
     return SamplingParams(
-        max_tokens=sampling.max_tokens or context_left,
-        temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
+        max_tokens=sampling.max_tokens or defaults.max_tokens or context_left,
+        temperature=temperature,
         top_k=sampling.top_k,
-        stop=list(sampling.stop),
+        stop=list(sampling.stop or defaults.stop),
         stop_token_ids=list(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
         **given,
@@ -179,11 +363,14 @@ def create_server(
     address: str,
     tls_cert: bytes | None = None,
     tls_key: bytes | None = None,
+    retrieval: Retrieval | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """The server with its port bound (not started), its health servicer and the bound port."""
+    """The server with its port bound (not started), its health servicer and the bound port;
+    `retrieval` is shared with the HTTP server (one embedder), by default the server's own."""
     interceptors = [_ApiKeyInterceptor(state)] if state.options.api_key else []
     server = grpc.aio.server(interceptors=interceptors)
-    engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
+    service = EngineService(state, retrieval or Retrieval(state))
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) and probes.
+"""The OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions with RAG,
+/v1/embeddings), kvops' /v1/feedback and /v1/search, and probes.
 
 Bodies are read and parsed here rather than by a framework so that every malformed input
 (oversized, invalid UTF-8, bad JSON, a wrong field) gets a 400 that names the problem.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -25,12 +27,15 @@ from starlette.types import HTTPExceptionHandler
 
 from kvops.worker.request import RequestOutput, SamplingParams
 from kvops.worker.serve import openai_protocol as protocol
+from kvops.worker.serve.prompts import ResolvedPrompt
+from kvops.worker.serve.retrieval import RagAnswer, Retrieval, Retrieved
 from kvops.worker.serve.service import (
     InvalidRequest,
     Overloaded,
     ServingError,
     ServingState,
     ShuttingDown,
+    attributed_to,
 )
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,10 @@ Body = TypeVar("Body", bound=BaseModel)
 E = TypeVar("E", bound=Exception)
 
 
-def create_app(state: ServingState) -> Starlette:
+def create_app(state: ServingState, retrieval: Retrieval | None = None) -> Starlette:
+    """`retrieval` is shared with the gRPC server (one embedder); by default, the app's own."""
     started = int(time.time())
+    rag = retrieval or Retrieval(state)
 
     async def health(request: Request) -> Response:
         alive = state.engine.is_alive
@@ -75,10 +82,36 @@ def create_app(state: ServingState) -> Starlette:
         _authenticate(state, request)
         body = await _read_body(request, protocol.ChatCompletionRequest)
         state.check_model(body.model)
-        prompt_ids = state.chat_prompt_ids(body.template_messages())
+        reference = body.prompt
+        prompt = None
+        if reference is not None:
+            prompt = state.resolve_prompt(reference.name, reference.version, reference.label)
+            body = body.with_defaults(prompt.model_parameters)
+        with attributed_to(prompt):
+            started_ns = time.time_ns()
+            own = body.template_messages()
+            if prompt is None and not own:
+                raise InvalidRequest("messages must not be empty (or name a prompt)", "messages")
+            variables = {} if body.prompt is None else body.prompt.variables
+            messages, retrieved = await rag.chat_messages(
+                body.retrieval, prompt, variables, own, request.headers
+            )
+            return await _chat_completion(request, body, prompt, messages, retrieved, started_ns)
+
+    async def _chat_completion(
+        request: Request,
+        body: protocol.ChatCompletionRequest,
+        prompt: ResolvedPrompt | None,
+        messages: list[dict[str, str]],
+        retrieved: Retrieved | None,
+        started_ns: int,
+    ) -> Response:
+        prompt_ids = state.chat_prompt_ids(messages)
         max_tokens = body.requested_max_tokens() or state.remaining_context(prompt_ids)
         params = [body.sampling_params(max_tokens, body.logprobs_count(), i) for i in range(body.n)]
-        call = _Call(state, request, "chat", "chatcmpl", prompt_ids, params, body.stream)
+        call = _Call(state, request, "chat", "chatcmpl", prompt_ids, params, body.stream, prompt)
+        if retrieved is not None:
+            call.retrieve_with(rag, retrieved, started_ns)
 
         def choice(index: int, output: RequestOutput) -> dict:
             return {
@@ -113,6 +146,35 @@ def create_app(state: ServingState) -> Starlette:
         chunks = functools.partial(_completion_chunks, call, body.include_usage)
         return await call.respond("text_completion", choice, chunks)
 
+    async def feedback(request: Request) -> Response:
+        _authenticate(state, request)
+        body = await _read_body(request, protocol.FeedbackRequest)
+        answered, rating = await state.feedback(body.request_id, body.score, body.comment)
+        used = answered.prompt
+        return JSONResponse(
+            {
+                "request_id": body.request_id,
+                "model": answered.model,
+                "prompt": None if used is None else dataclasses.asdict(used),
+                "score": rating.score,
+                "rating": rating.kind,
+            }
+        )
+
+    async def embeddings(request: Request) -> Response:
+        _authenticate(state, request)
+        body = await _read_body(request, protocol.EmbeddingsRequest)
+        rag.check_embedding_model(body.model)
+        vectors, tokens = await rag.embed(body.inputs())
+        return JSONResponse(
+            protocol.embeddings(vectors, body.encoding_format, rag.embedding_model, tokens)
+        )
+
+    async def search(request: Request) -> Response:
+        _authenticate(state, request)
+        body = await _read_body(request, protocol.SearchRequest)
+        return JSONResponse({"hits": await rag.search(body.query, body.top_k, body.filters)})
+
     async def serving_error(request: Request, error: ServingError) -> Response:
         state.record_error(error)
         headers = {}
@@ -138,6 +200,9 @@ def create_app(state: ServingState) -> Starlette:
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/search", search, methods=["POST"]),
     ]
     handlers = [
         _handler(ServingError, serving_error),
@@ -170,6 +235,7 @@ class _Call:
         prompt_ids: list[int],
         params: list[SamplingParams],
         stream: bool,
+        prompt: ResolvedPrompt | None = None,
     ):
         self.state = state
         self.request = request
@@ -181,6 +247,17 @@ class _Call:
         self.prompt_ids = prompt_ids
         self.streaming = stream
         self.timeout = _client_timeout(request)
+        self.prompt = prompt
+        # RAG: the chunks the prompt holds, and when the request began (before retrieval).
+        self.rag: RagAnswer | None = None
+        self.started_ns: int | None = None
+        # Each choice's final output, by index, as a stream ends them.
+        self.finished: dict[int, RequestOutput] = {}
+
+    def retrieve_with(self, retrieval: Retrieval, retrieved: Retrieved, started_ns: int) -> None:
+        label = None if self.prompt is None else self.prompt.label
+        self.rag = RagAnswer(retrieval, retrieved, label, self.request_id)
+        self.started_ns = started_ns
 
     def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(choice index, output) as the engine produces them, merged over the n choices."""
@@ -191,6 +268,8 @@ class _Call:
             carrier=self.request.headers,
             stream=self.streaming,
             timeout=self.timeout,
+            prompt=None if self.prompt is None else self.prompt.label,
+            started_ns=self.started_ns,
         )
 
     async def collect(self) -> list[RequestOutput]:
@@ -220,13 +299,43 @@ class _Call:
             admission.enter_context(self.state.admit(len(self.requests)))
             events = _server_sent_events(self.state, chunks())
             return _EventStream(events, on_close=admission.close)
-        finals = await self.collect()
+        try:
+            finals = await self.collect()
+            grounded = await self.groundedness(finals)
+        finally:
+            self.report_unscored()
         body = {
             **protocol.envelope(self.request_id, obj, self.state.model_name, self.created),
             "choices": [choice(i, output) for i, output in enumerate(finals)],
             "usage": protocol.usage(len(self.prompt_ids), finals),
+            **self.prompt_used(),
+            **self.citations(),
+            **grounded,
         }
         return JSONResponse(body)
+
+    def citations(self) -> dict:
+        """The `citations` field of a RAG response (and of its first chunk)."""
+        return {} if self.rag is None else {"citations": self.rag.retrieved.citations()}
+
+    async def groundedness(self, finals: list[RequestOutput]) -> dict:
+        """The `groundedness` field of a RAG response (its first choice's), scored and recorded
+        with the retrieval span."""
+        if self.rag is None:
+            return {}
+        return {"groundedness": await self.rag.score([output.text for output in finals])}
+
+    def report_unscored(self) -> None:
+        """A RAG request that ended without a scored answer still records its retrieval."""
+        if self.rag is not None:
+            self.rag.report_unscored()
+
+    def prompt_used(self) -> dict:
+        """The `prompt` field of the response (and its first chunk), if it used one."""
+        prompt = self.prompt
+        if prompt is None:
+            return {}
+        return protocol.prompt_used(prompt.name, prompt.version, prompt.content_hash)
 
     def chunk(self, obj: str, choices: list[dict]) -> dict:
         return {
@@ -247,9 +356,16 @@ async def _chat_chunks(call: _Call, include_usage: bool):
     obj = "chat.completion.chunk"
     for i in range(len(call.requests)):
         opening = {"role": "assistant", "content": ""}
-        yield call.chunk(obj, [{"index": i, "delta": opening, "finish_reason": None}])
-    async for chunk in _delta_chunks(call, obj, include_usage, delta):
-        yield chunk
+        chunk = call.chunk(obj, [{"index": i, "delta": opening, "finish_reason": None}])
+        yield {**chunk, **call.prompt_used(), **call.citations()} if i == 0 else chunk
+    try:
+        async for chunk in _delta_chunks(call, obj, include_usage, delta):
+            yield chunk
+        if call.rag is not None:
+            finals = [call.finished[i] for i in sorted(call.finished)]
+            yield {**call.chunk(obj, []), **await call.groundedness(finals)}
+    finally:
+        call.report_unscored()
 
 
 async def _completion_chunks(call: _Call, include_usage: bool):
@@ -287,6 +403,7 @@ async def _delta_chunks(
             yield call.chunk(obj, [delta(index, output)])
             if output.finished:
                 finals.append(output)
+                call.finished[index] = output
     if include_usage:
         yield {**call.chunk(obj, []), "usage": protocol.usage(len(call.prompt_ids), finals)}
 

@@ -6,11 +6,14 @@ Unknown fields are ignored, as OpenAI-compatible servers do, because clients sen
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvops.operator.api import ModelParameters
 from kvops.worker.request import MAX_LOGPROBS, RequestOutput, SamplingParams, TokenLogprob
 from kvops.worker.serve.service import MAX_CHOICES
 
@@ -82,12 +85,57 @@ class _GenerationRequest(BaseModel):
         )
 
 
+class PromptReference(BaseModel):
+    """The `prompt` extension of chat completions: a managed prompt version to render."""
+
+    # A misspelt key (`lable`) would otherwise silently pick the production version.
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    version: str | None = None
+    label: str | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+# Chunks one request may retrieve: the LLMDeployment's bound on spec.retrieval.topK, so that
+# every value the operator accepts starts a worker (whether they fit the context is the
+# prompt's length check).
+MAX_RETRIEVAL_TOP_K = 100
+
+
+class RetrievalField(BaseModel):
+    """The `retrieval` extension of chat completions as an object: this request's top_k and
+    metadata filters (equality; the key "source" filters on the document)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(None, ge=1, le=MAX_RETRIEVAL_TOP_K)
+    filters: dict[str, str] = Field(default_factory=dict)
+
+
 class ChatCompletionRequest(_GenerationRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # Empty only when `prompt` renders the messages (checked by the server).
+    messages: list[ChatMessage] = Field(default_factory=list)
+    prompt: PromptReference | None = None
+    # RAG (with a vector index): absent or true retrieves, false does not, an object tunes it.
+    retrieval: bool | RetrievalField | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("retrieval", mode="before")
+    @classmethod
+    def _retrieval_object(cls, value: object) -> object:
+        """An object's own error, rather than the union's (that it is not a boolean either)."""
+        if not isinstance(value, dict):
+            return value
+        try:
+            return RetrievalField.model_validate(value)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}") from None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -97,6 +145,55 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def template_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def with_defaults(self, parameters: ModelParameters) -> ChatCompletionRequest:
+        """This request with a prompt's model parameters where the client set none."""
+        given = self.model_fields_set
+        defaults: dict = {}
+        if parameters.temperature is not None and "temperature" not in given:
+            defaults["temperature"] = parameters.temperature
+        if parameters.top_p is not None and "top_p" not in given:
+            defaults["top_p"] = parameters.top_p
+        if (
+            parameters.max_tokens is not None
+            and not {"max_tokens", "max_completion_tokens"} & given
+        ):
+            defaults["max_tokens"] = parameters.max_tokens
+        if parameters.stop and "stop" not in given:
+            defaults["stop"] = list(parameters.stop)
+        return self.model_copy(update=defaults)
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a rating of an answer, by the id its response carried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=256)
+    # "up", "down" or a number from 0 to 10 (checked by the server, like the comment's length).
+    score: float | str
+    comment: str | None = None
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's POST /v1/embeddings, with the worker's built-in embedding model."""
+
+    model: str | None = None
+    input: str | Annotated[list[str], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class SearchRequest(BaseModel):
+    """POST /v1/search: the same body as a VectorIndex's search server takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1, le=MAX_RETRIEVAL_TOP_K)
+    filters: dict[str, str] = Field(default_factory=dict)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -162,6 +259,31 @@ def envelope(request_id: str, obj: str, model: str, created: int | None = None) 
         "object": obj,
         "created": created or int(time.time()),
         "model": model,
+    }
+
+
+def prompt_used(name: str, version: str, content_hash: str) -> dict:
+    """What a response says about the managed prompt that made its messages."""
+    return {"prompt": {"name": name, "version": version, "hash": content_hash}}
+
+
+def embeddings(vectors: list[list[float]], encoding: str, model: str, tokens: int) -> dict:
+    """OpenAI's embeddings list; base64 is the little-endian float32 bytes (what its Python
+    client asks for by default)."""
+
+    def encoded(vector: list[float]) -> list[float] | str:
+        if encoding == "float":
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encoded(vector)}
+            for i, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
 
 

@@ -19,6 +19,7 @@ import uvicorn
 from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.serve import grpc as grpc_api
 from kvops.worker.serve.http import create_app
+from kvops.worker.serve.retrieval import Retrieval
 from kvops.worker.serve.service import ServingOptions, ServingState
 from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics, configure_tracing
 
@@ -61,15 +62,19 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
         ServingMetrics(options.served_model_name, engine.stats),
         RequestTracer(tracer_provider),
     )
+    retrieval = Retrieval(state)
+    # With a vector index every RAG answer is scored: load the embedder before serving.
+    await retrieval.start()
     grpc_server, health, grpc_port = grpc_api.create_server(
         state,
         f"{server.host}:{server.grpc_port}",
         _read(server.grpc_tls_cert),
         _read(server.grpc_tls_key),
+        retrieval,
     )
     http = _HttpServer(
         uvicorn.Config(
-            create_app(state),
+            create_app(state, retrieval),
             host=server.host,
             port=server.http_port,
             log_level="warning",
@@ -101,6 +106,12 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
         server.host,
         grpc_port,
     )
+    if retrieval.enabled:
+        log.info(
+            "RAG: vector index %s, top %d chunks per chat request",
+            retrieval.address,
+            retrieval.top_k,
+        )
 
     await stop.wait()
     log.info("shutting down: draining %d request(s)", state.in_flight)
@@ -111,6 +122,7 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
     http.should_exit = True
     await grpc_server.stop(grace=1)
     await http_task
+    await retrieval.close()
     engine.shutdown()
     if tracer_provider is not None:
         tracer_provider.shutdown()

@@ -16,9 +16,19 @@ import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from kvops.operator.prompts import RenderError
 from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.request import Request, RequestOutput, SamplingParams
-from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics
+from kvops.worker.serve.feedback import (
+    MAX_COMMENT_CHARS,
+    AnsweredRequest,
+    FeedbackLog,
+    Rating,
+    RecentRequests,
+    parse_rating,
+)
+from kvops.worker.serve.prompts import PromptStore, ResolvedPrompt, UnknownPrompt
+from kvops.worker.serve.telemetry import PromptLabel, RequestTracer, ServingMetrics
 
 # How many completions one request may ask for (OpenAI's `n`).
 MAX_CHOICES = 16
@@ -32,6 +42,8 @@ class ServingError(Exception):
     error_type = "server_error"
     # What `kvops_requests_total{outcome=...}` counts it as.
     outcome = "error"
+    # The managed prompt of the request that failed, once known (attributed_to).
+    prompt: PromptLabel | None = None
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -47,6 +59,15 @@ class InvalidRequest(ServingError):
 
 
 class ModelNotFound(ServingError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    error_type = "invalid_request_error"
+    outcome = "invalid"
+
+
+class NotFound(ServingError):
+    """A prompt, prompt version or label, or a request id, that this worker does not know."""
+
     http_status = 404
     grpc_code = "NOT_FOUND"
     error_type = "invalid_request_error"
@@ -91,6 +112,13 @@ class ServingOptions:
     # Seconds a request may take end to end, unless the client asks for less (None: unbounded).
     request_timeout: float | None = None
     api_key: str | None = None
+    # The folder of the operator's prompts.json (None: no managed prompts).
+    prompts_dir: str | None = None
+    # The JSON-lines file feedback is appended to (None: feedback is counted and traced only).
+    feedback_log: str | None = None
+    # host:port of a VectorIndex's search gRPC (None: no RAG); chunks per RAG request.
+    vector_index: str | None = None
+    retrieval_top_k: int = 4
 
     def validate(self) -> None:
         if self.max_queue < 0:
@@ -120,6 +148,11 @@ class ServingState:
         self._ids = itertools.count()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.prompts = PromptStore(options.prompts_dir)
+        self.answered = RecentRequests()
+        self.feedback_log = (
+            None if options.feedback_log is None else FeedbackLog(options.feedback_log)
+        )
 
     @property
     def model_name(self) -> str:
@@ -179,6 +212,61 @@ class ServingState:
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{time.time_ns():x}-{next(self._ids)}"
+
+    # -- managed prompts and feedback ------------------------------------------------------------
+
+    def resolve_prompt(self, name: str, version: str | None, label: str | None) -> ResolvedPrompt:
+        if not name:
+            raise InvalidRequest("prompt.name is required", "prompt.name")
+        if version and label:
+            raise InvalidRequest("prompt: give a version or a label, not both", "prompt")
+        try:
+            return self.prompts.resolve(name, version or None, label or None)
+        except UnknownPrompt as error:
+            raise NotFound(str(error), "prompt") from None
+
+    def render_prompt(
+        self, prompt: ResolvedPrompt, variables: Mapping[str, str]
+    ) -> list[dict[str, str]]:
+        try:
+            return prompt.render(dict(variables))
+        except RenderError as error:
+            raise InvalidRequest(
+                f"prompt {prompt.name!r} version {prompt.version!r}: {error}", "prompt.variables"
+            ) from None
+
+    async def feedback(
+        self, request_id: str, score: float | str, comment: str | None
+    ) -> tuple[AnsweredRequest, Rating]:
+        """Count, trace and log a rating of the answer to `request_id`, which this worker gave."""
+        try:
+            rating = parse_rating(score)
+        except ValueError as error:
+            raise InvalidRequest(str(error), "score") from None
+        if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+            raise InvalidRequest(
+                f"comment must be at most {MAX_COMMENT_CHARS} characters", "comment"
+            )
+        answered = self.answered.get(request_id)
+        if answered is None:
+            raise NotFound(
+                f"no request {request_id!r} among the last {self.answered.capacity} this "
+                "worker answered",
+                "request_id",
+            )
+        if self.feedback_log is not None:
+            # fsync can take milliseconds: off the event loop that streams tokens.
+            await asyncio.to_thread(self.feedback_log.append, request_id, answered, rating, comment)
+        self.metrics.record_feedback(answered.prompt, rating.kind, rating.score)
+        self.tracer.record_feedback(
+            answered.span_context,
+            answered.model,
+            answered.prompt,
+            request_id,
+            rating.kind,
+            rating.score,
+        )
+        return answered, rating
 
     # -- turning input into token ids -----------------------------------------------------------
 
@@ -245,10 +333,13 @@ class ServingState:
         carrier: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         stream: bool = False,
         timeout: float | None = None,
+        prompt: PromptLabel | None = None,
+        started_ns: int | None = None,
     ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Stream (choice index, output) for one client request of len(requests) choices.
 
-        One span covers the request; metrics count each choice. The caller holds an `admit()`
+        One span covers the request (from `started_ns`, epoch, when work such as retrieval
+        came first); metrics count each choice. The caller holds an `admit()`
         slot per choice. Leaving the loop early, or the deadline passing, aborts every
         unfinished choice (the engine frees its KV blocks at once).
         """
@@ -261,7 +352,11 @@ class ServingState:
             carrier,
             stream=stream,
             choice_count=len(requests),
+            prompt=prompt,
+            start_time=started_ns,
         )
+        span_context = span.get_span_context() if span.is_recording() else None
+        self.answered.remember(request_id, AnsweredRequest(self.model_name, prompt, span_context))
         finals: list[RequestOutput | None] = [None] * len(requests)
         latest: list[RequestOutput | None] = [None] * len(requests)
         error: BaseException | None = None
@@ -282,28 +377,31 @@ class ServingState:
                 latest[index] = output
                 if output.finished:
                     finals[index] = output
-                    self.metrics.record_finished(output)
+                    self.metrics.record_finished(output, prompt=prompt)
                 yield index, output
         except BaseException as failure:
             # Closing the stream after its final output is not a failure.
             if None in finals:
                 error = failure
+            if isinstance(failure, ServingError):
+                failure.prompt = prompt
             raise
         finally:
             await merged.aclose()
-            self._record_unfinished(finals, latest, error)
+            self._record_unfinished(finals, latest, error, prompt)
             done = [f for f in finals if f is not None]
             self.tracer.finish_span(span, done, error, response_id=request_id)
 
     def record_error(self, error: ServingError) -> None:
         """Count a refused request; the servers call it for every ServingError they send."""
-        self.metrics.record_rejected(error.outcome)
+        self.metrics.record_rejected(error.outcome, prompt=error.prompt)
 
     def _record_unfinished(
         self,
         finals: list[RequestOutput | None],
         latest: list[RequestOutput | None],
         error: BaseException | None,
+        prompt: PromptLabel | None,
     ) -> None:
         # ServingErrors are counted by the server that sends them (record_error).
         if error is None or isinstance(error, ServingError):
@@ -315,9 +413,20 @@ class ServingState:
             if final is not None:
                 continue
             if last is not None:
-                self.metrics.record_finished(last, outcome=outcome)
+                self.metrics.record_finished(last, prompt=prompt, outcome=outcome)
             else:
-                self.metrics.record_rejected(outcome)
+                self.metrics.record_rejected(outcome, prompt=prompt)
+
+
+@contextlib.contextmanager
+def attributed_to(prompt: ResolvedPrompt | None) -> Iterator[None]:
+    """Count the ServingErrors raised inside under the request's managed prompt."""
+    try:
+        yield
+    except ServingError as error:
+        if prompt is not None and error.prompt is None:
+            error.prompt = prompt.label
+        raise
 
 
 def _now() -> float:

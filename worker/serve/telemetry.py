@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -58,6 +58,15 @@ METRIC_NAMES = (
     "kvops_num_requests_waiting",
     "kvops_kv_cache_usage_ratio",
 )
+# Served once the first feedback arrives (they have no sample before).
+FEEDBACK_METRIC_NAMES = ("kvops_feedback_total", "kvops_feedback_score")
+# Served once the first retrieval (RAG answer, failed search) happens.
+RAG_METRIC_NAMES = (
+    "kvops_retrieval_seconds",
+    "kvops_retrieval_errors_total",
+    "kvops_rag_groundedness",
+    "kvops_rag_ungrounded_answers_total",
+)
 
 # Label values come from these fixed sets only, so that cardinality stays bounded.
 OUTCOMES = ("success", "invalid", "rejected", "aborted", "timeout", "error")
@@ -85,6 +94,14 @@ LATENCY_BUCKETS = tuple(
 )
 # Token counts: 1, 2, 5, 10, ... 200000 (beyond the longest context a worker serves).
 TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5) if m * 10**e <= 200_000)
+# Feedback scores run from 0 to 10 (feedback.py): fine steps for 0-1 ratings, whole ones above.
+SCORE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
+# Groundedness is a share of sentences, 0 to 1.
+GROUNDEDNESS_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# A search of a VectorIndex: milliseconds in the same cluster, seconds only when it struggles.
+RETRIEVAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# How a rating was given: a thumb or a number.
+RATINGS = ("up", "down", "score")
 
 _REQUEST_LABELS = ("model", "prompt_name", "prompt_version")
 
@@ -152,6 +169,34 @@ class ServingMetrics:
             "Requests by how they ended.",
             ("finish_reason", "outcome"),
         )
+        self._feedback = counter(
+            "kvops_feedback_total", "Ratings of answers, by how they were given.", ("rating",)
+        )
+        self._feedback_score = histogram(
+            "kvops_feedback_score", "Rated scores (thumbs up 1, down 0).", SCORE_BUCKETS
+        )
+        self._retrieval = Histogram(
+            "kvops_retrieval_seconds",
+            "Time to search the vector index for a request (RAG, /v1/search).",
+            ["model"],
+            buckets=RETRIEVAL_BUCKETS,
+            registry=self.registry,
+        )
+        self._retrieval_errors = Counter(
+            "kvops_retrieval_errors_total",
+            "Searches of the vector index that failed (unreachable, timed out).",
+            ["model"],
+            registry=self.registry,
+        )
+        self._groundedness = histogram(
+            "kvops_rag_groundedness",
+            "Share of a RAG answer's sentences that a retrieved chunk supports.",
+            GROUNDEDNESS_BUCKETS,
+        )
+        self._ungrounded = counter(
+            "kvops_rag_ungrounded_answers_total",
+            "RAG answers whose groundedness is below grounding.UNGROUNDED_BELOW (hallucinations).",
+        )
         self.registry.register(_EngineStatsCollector(model_name, engine_stats))
 
     def record_finished(
@@ -198,6 +243,28 @@ class ServingMetrics:
         if outcome == "success":
             raise ValueError("a rejected request cannot have outcome 'success'")
         self._requests.labels(*self._labels(prompt), "", outcome).inc()
+
+    def record_feedback(self, prompt: PromptLabel | None, rating: str, score: float) -> None:
+        """Count a rating of an answer under the prompt version that produced it."""
+        _check_label("rating", rating, RATINGS)
+        labels = self._labels(prompt)
+        self._feedback.labels(*labels, rating).inc()
+        self._feedback_score.labels(*labels).observe(score)
+
+    def record_retrieval(self, seconds: float) -> None:
+        self._retrieval.labels(self.model_name).observe(seconds)
+
+    def record_retrieval_error(self) -> None:
+        self._retrieval_errors.labels(self.model_name).inc()
+
+    def record_groundedness(
+        self, score: float, ungrounded: bool, *, prompt: PromptLabel | None = None
+    ) -> None:
+        """One RAG answer's groundedness, under the prompt version that produced it."""
+        labels = self._labels(prompt)
+        self._groundedness.labels(*labels).observe(score)
+        if ungrounded:
+            self._ungrounded.labels(*labels).inc()
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The body and Content-Type for GET /metrics (OpenMetrics if `accept` asks for it)."""
@@ -335,8 +402,11 @@ class RequestTracer:
         *,
         stream: bool = False,
         choice_count: int = 1,
+        prompt: PromptLabel | None = None,
+        start_time: int | None = None,
     ) -> Span:
-        """Start the SERVER span of one request, parented to the caller's W3C trace context."""
+        """Start the SERVER span of one request, parented to the caller's W3C trace context;
+        `start_time` (epoch ns) when the request began before generation (retrieval)."""
         if self._tracer is None:
             return trace.INVALID_SPAN
         if operation not in OPERATIONS:
@@ -358,11 +428,14 @@ class RequestTracer:
             attributes["gen_ai.request.stop_sequences"] = list(params.stop)
         if choice_count != 1:
             attributes["gen_ai.request.choice.count"] = choice_count
+        if prompt is not None:
+            attributes.update(_prompt_attributes(prompt))
         return self._tracer.start_span(
             f"{operation} {model}",
             context=_extract_context(carrier),
             kind=SpanKind.SERVER,
             attributes=attributes,
+            start_time=start_time,
         )
 
     def finish_span(
@@ -399,6 +472,78 @@ class RequestTracer:
             span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
         span.end()
 
+    def record_feedback(
+        self,
+        request_span: SpanContext | None,
+        model: str,
+        prompt: PromptLabel | None,
+        response_id: str,
+        rating: str,
+        score: float,
+    ) -> None:
+        """A "feedback" span in the rated request's trace, as a child of its SERVER span (which
+        has ended by then). The comment stays out of traces, like all client text."""
+        if self._tracer is None or request_span is None or not request_span.is_valid:
+            return
+        attributes: dict[str, str | float] = {
+            "gen_ai.request.model": model,
+            "gen_ai.response.id": response_id,
+            "kvops.feedback.rating": rating,
+            "kvops.feedback.score": score,
+        }
+        if prompt is not None:
+            attributes.update(_prompt_attributes(prompt))
+        context = trace.set_span_in_context(trace.NonRecordingSpan(request_span))
+        self._tracer.start_span(f"feedback {model}", context=context, attributes=attributes).end()
+
+    def record_retrieval(
+        self,
+        request_span: SpanContext | None,
+        carrier: Carrier | None,
+        *,
+        address: str,
+        top_k: int,
+        hits: int,
+        started_ns: int,
+        seconds: float,
+        prompt: PromptLabel | None = None,
+        groundedness: float | None = None,
+        ungrounded_sentences: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The "retrieval" span of a RAG request, recorded once its answer is scored: a child of
+        the request's SERVER span, or of the caller's context when retrieval failed before any
+        request span existed. It carries the answer's groundedness, never chunk text."""
+        if self._tracer is None:
+            return
+        if request_span is not None and request_span.is_valid:
+            context = trace.set_span_in_context(trace.NonRecordingSpan(request_span))
+        else:
+            context = _extract_context(carrier)
+        attributes: dict[str, str | int | float] = {
+            "kvops.retrieval.index_address": address,
+            "kvops.retrieval.top_k": top_k,
+            "kvops.retrieval.hits": hits,
+            "kvops.retrieval.latency_s": seconds,
+        }
+        if prompt is not None:
+            attributes.update(_prompt_attributes(prompt))
+        if groundedness is not None:
+            attributes["kvops.rag.groundedness"] = groundedness
+        if ungrounded_sentences is not None:
+            attributes["kvops.rag.ungrounded_sentences"] = ungrounded_sentences
+        span = self._tracer.start_span(
+            "retrieval",
+            context=context,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=started_ns,
+        )
+        if error is not None:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=started_ns + int(seconds * 1e9))
+
     def _add_phase_spans(self, parent: Span, output: RequestOutput, index: int | None) -> None:
         """Children from the engine's monotonic timestamps, converted to epoch nanoseconds."""
         tracer = self._tracer
@@ -426,6 +571,11 @@ class RequestTracer:
                 attributes=attributes,
             )
             child.end(end_time=epoch_offset_ns + int(next_start * 1e9))
+
+
+def _prompt_attributes(prompt: PromptLabel) -> dict[str, str]:
+    # gen_ai.prompt.name is the GenAI conventions' own; they have no prompt version (yet).
+    return {"gen_ai.prompt.name": prompt.name, "kvops.prompt.version": prompt.version}
 
 
 def _extract_context(carrier: Carrier | None):

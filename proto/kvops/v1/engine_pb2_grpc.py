@@ -95,7 +95,8 @@ class EngineServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Declared for the clients of later features; the worker answers UNIMPLEMENTED until they land.
+        """Embeddings with all-MiniLM-L6-v2, and a search of the deployment's vector index (NOT_FOUND
+        without one; UNAVAILABLE when it does not answer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,13 +109,17 @@ class EngineServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenderPrompt(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The messages a managed prompt (a PromptVersion the deployment references) renders to.
+        NOT_FOUND: no such prompt, version or label; INVALID_ARGUMENT: the variables or the template.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Feedback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Rates the answer to a request this worker gave (a Generate request id or a chat completion
+        id); NOT_FOUND for an id it does not know.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
