@@ -3,10 +3,12 @@ kube-scheduler and kwok with fake GPU nodes, each its own process on 127.0.0.1.
 
 With `real_node=True` the cluster also gets one real node, `kvops-node-0`: containerd (Debian's
 runc, cgroupfs), a kubelet, kube-proxy (iptables) and a CNI bridge `kvops0` (10.88.0.1/16) that
-this module creates, plus local-path-provisioner behind a default StorageClass. Pods must reach
-the API server through the `kubernetes` Service, and a kubelet refuses a loopback node IP, so in
-that mode the apiserver and the kubelet listen on the bridge address instead of 127.0.0.1. Only
-one real node can run per machine (the bridge and kube-proxy's iptables chains are host-wide).
+this module creates, plus local-path-provisioner behind a default StorageClass and CoreDNS as
+cluster DNS on the bridge address (`<service>.<namespace>.svc` resolves in pods; nothing is
+forwarded past the cluster domain). Pods must reach the API server through the `kubernetes`
+Service, and a kubelet refuses a loopback node IP, so in that mode the apiserver and the kubelet
+listen on the bridge address instead of 127.0.0.1. Only one real node can run per machine (the
+bridge and kube-proxy's iptables chains are host-wide).
 
 The binaries come from `make tools` (.tools/bin). The certificates, the service-account key and the
 kubeconfigs are made here. Used by the `kube_cluster` pytest fixture and by hand:
@@ -57,6 +59,7 @@ NODE_TOOLS = (
     "containerd-shim-runc-v2",
     "ctr",
     "local-path-provisioner",
+    "coredns",
 )
 NODE_SOURCES = REPO_ROOT / "e2e" / "node"
 IMAGE_CACHE = Path(
@@ -80,6 +83,8 @@ NODE_NAME = "kvops-node-0"
 BRIDGE = "kvops0"
 BRIDGE_IP = "10.88.0.1"
 BRIDGE_CIDR = "10.88.0.0/16"
+# Cluster DNS: CoreDNS on the host, answering pods on the bridge address (port 53).
+CLUSTER_DOMAIN = "cluster.local"
 PAUSE_IMAGE = "kvops.local/pause:1.0"
 BUSYBOX_IMAGE = "kvops.local/busybox:1.35"
 NODE_READY_TIMEOUT_S = 120.0
@@ -433,6 +438,7 @@ class LocalControlPlane:
             json.dumps(_cni_config(self.node_dir), indent=2)
         )
         self._spawn("containerd", f"--config={config}", env=env)
+        self._start_cluster_dns()
         self._wait("containerd", self._containerd_serving)
         for archive in images.values():
             self.import_image(archive)
@@ -495,6 +501,18 @@ class LocalControlPlane:
         )
         self._wait("kube-proxy", lambda: _http_ok(f"http://127.0.0.1:{proxy_healthz_port}/healthz"))
         self._start_storage()
+
+    def _start_cluster_dns(self) -> None:
+        """CoreDNS on the host at BRIDGE_IP:53, the kubelet's clusterDNS, as a cluster's kube-dns.
+
+        Ready (its `ready` endpoint) once its kubernetes plugin has listed Services and
+        endpoints, so the first pod already resolves them.
+        """
+        (ready_port,) = _free_ports(1)
+        corefile = self.node_dir / "Corefile"
+        corefile.write_text(_corefile(self.kubeconfig, ready_port))
+        self._spawn("coredns", "-conf", str(corefile))
+        self._wait("coredns", lambda: _http_ok(f"http://127.0.0.1:{ready_port}/ready"))
 
     def _containerd_serving(self) -> bool:
         if not self.containerd_socket.exists():
@@ -773,7 +791,35 @@ def _kubelet_config(
         # 0: graceful node shutdown needs systemd-logind's inhibitor locks, absent here.
         "shutdownGracePeriod": "0s",
         "resolvConf": "/etc/resolv.conf",
+        # Pods (dnsPolicy ClusterFirst) get this nameserver and the search path
+        # `<ns>.svc.cluster.local svc.cluster.local cluster.local`, ndots 5.
+        "clusterDNS": [BRIDGE_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
     }
+
+
+def _corefile(kubeconfig: Path, ready_port: int) -> str:
+    """The cluster domain (and reverse lookups of Service and pod addresses) from the API
+    server; NXDOMAIN for every other name, at once: nothing is forwarded, pods never resolve or
+    reach anything beyond this machine."""
+    return f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
+    bind {BRIDGE_IP}
+    errors
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+    }}
+}}
+
+.:53 {{
+    bind {BRIDGE_IP}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
 
 
 # -- the real node's host network and cleanup ----------------------------------------------------

@@ -2,7 +2,8 @@
 
 A kubelet with containerd and runc, the CNI bridge, kube-proxy and local-path-provisioner: pods
 run busybox images built here, read and write volumes, reach the API server through the
-`kubernetes` Service, and are reached by the host and by `kubectl port-forward`.
+`kubernetes` Service, resolve Services by name (CoreDNS) and reach them by their ClusterIP, and
+are reached by the host and by `kubectl port-forward`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import subprocess
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from controlplane import (
@@ -198,7 +200,7 @@ def test_pod_writes_into_a_dynamically_provisioned_volume(
 def test_pod_reaches_the_api_server_through_the_kubernetes_service(
     real_cluster: LocalControlPlane, namespace: str
 ):
-    # No cluster DNS: the Service's address comes from the environment the kubelet sets.
+    # The Service's address from the environment the kubelet sets (by name: the DNS test).
     # busybox's TLS cannot negotiate with the apiserver (handshake failure, alert 40), so the pod
     # sends plain HTTP: Go's TLS server answers that with a 400 of its own, which shows the
     # connection reached the apiserver through kube-proxy's rules for the Service.
@@ -275,6 +277,74 @@ def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
     finally:
         forward.terminate()
         forward.wait(timeout=10)
+
+
+# Runs in a pod: resolves each name with the libc resolver (the pod's resolv.conf: cluster DNS,
+# search path), fetches the first one over HTTP, and times a name outside the cluster domain.
+RESOLVE_AND_FETCH = """
+import socket, sys, time, urllib.request
+for name in sys.argv[1:]:
+    print(name, socket.gethostbyname(name))
+print(urllib.request.urlopen(f"http://{sys.argv[1]}/", timeout=5).read().decode(), end="")
+started = time.monotonic()
+try:
+    socket.gethostbyname("example.com")
+    print("example.com resolved")
+except socket.gaierror as error:
+    print("example.com", error.errno == socket.EAI_NONAME, round(time.monotonic() - started, 1))
+"""
+
+
+def test_pod_resolves_services_by_name_and_reaches_one_by_its_cluster_ip(
+    real_cluster: LocalControlPlane, namespace: str, images: dict[str, Path]
+):
+    server = busybox_pod(
+        "web",
+        "echo served by name > /www/index.html && exec httpd -f -p 8080 -h /www",
+        restartPolicy="Always",
+        volumes=[{"name": "www", "emptyDir": {}}],
+        container={
+            "volumeMounts": [{"name": "www", "mountPath": "/www"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        },
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    apply(real_cluster, namespace, server, service)
+    real_cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=90s", timeout=100
+    )
+    cluster_ip = get_json(real_cluster, "service", "web", "-n", namespace)["spec"]["clusterIP"]
+    wait_for("the Service's ClusterIP to answer", lambda: _answers(f"http://{cluster_ip}/"), 30)
+
+    # The operator image: a Debian userland whose glibc resolver follows the pod's resolv.conf.
+    python_image = next(reference for reference in images if "kvops-operator" in reference)
+    names = [f"web.{namespace}.svc", "web", "kubernetes.default.svc"]
+    client = busybox_pod(
+        "resolver",
+        "",
+        container={
+            "image": python_image,
+            "command": ["python3", "-c", RESOLVE_AND_FETCH, *names],
+        },
+    )
+    apply(real_cluster, namespace, client)
+    wait_for_phase(real_cluster, namespace, "resolver", "Succeeded")
+    lines = real_cluster.kubectl("logs", "-n", namespace, "resolver").splitlines()
+    assert lines[:4] == [
+        f"web.{namespace}.svc {cluster_ip}",
+        f"web {cluster_ip}",  # the search path's <namespace>.svc.cluster.local
+        "kubernetes.default.svc 10.96.0.1",
+        "served by name",
+    ]
+    # Nothing is forwarded off the machine: a name outside the cluster fails at once (NXDOMAIN).
+    outside, no_such_name, seconds = lines[4].split()
+    assert (outside, no_such_name) == ("example.com", "True")
+    assert float(seconds) < 2
 
 
 def _answers(url: str) -> bool:

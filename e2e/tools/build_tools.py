@@ -30,6 +30,8 @@ KWOK_VERSION = "v0.8.0"
 # The real node's runtime and volume provisioner; runc and the CNI plugins come from Debian.
 CONTAINERD_VERSION = "v2.4.2"
 LOCAL_PATH_PROVISIONER_VERSION = "v0.0.30"
+# The real node's cluster DNS (v1.15 needs Go >= 1.26).
+COREDNS_VERSION = "v1.15.0"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN_DIR = REPO_ROOT / ".tools" / "bin"
@@ -119,6 +121,11 @@ def tool_groups() -> list[ToolGroup]:
             module="github.com/rancher/local-path-provisioner",
             version=LOCAL_PATH_PROVISIONER_VERSION,
             binaries={"local-path-provisioner": "github.com/rancher/local-path-provisioner"},
+        ),
+        ToolGroup(
+            module="github.com/coredns/coredns",
+            version=COREDNS_VERSION,
+            binaries={"coredns": "github.com/coredns/coredns"},
         ),
     ]
 
