@@ -13,7 +13,9 @@ tests/test_rag_index.py: embeddings cluster by topic; isotropic random vectors h
 neighbours for IVF to find. Results go to bench/results/vector_search-<date>.json.
 
     python bench/vector_search.py [--sizes 10000 100000 1000000] [--queries 1000] [--single 100]
-        [--ivf-max N]
+        [--ivf-max N] [--repeats 3] [--threads N]
+
+Timings alternate kvops and FAISS back to back (--repeats times) and keep each figure's median.
 """
 
 from __future__ import annotations
@@ -104,6 +106,23 @@ def timed(search, queries: torch.Tensor, single: int) -> dict:
     }
 
 
+def paired(kvops_search, faiss_search, queries: torch.Tensor, args) -> tuple[dict, dict]:
+    """`timed` for kvops then FAISS, back to back, --repeats times; each figure the median of
+    its repeats (the machine is shared: alternating spreads its load over both systems)."""
+    kvops_runs, faiss_runs = [], []
+    for _ in range(args.repeats):
+        kvops_runs.append(timed(kvops_search, queries, args.single))
+        faiss_runs.append(timed(faiss_search, queries, args.single))
+
+    def medians(runs: list[dict]) -> dict:
+        keys = ("p50_ms", "p99_ms", "batch_qps")
+        return {key: round(statistics.median(run[key] for run in runs), 3) for key in keys} | {
+            "repeats": len(runs)
+        }
+
+    return medians(kvops_runs), medians(faiss_runs)
+
+
 def smallest_nprobe(search, truth: torch.Tensor, queries: torch.Tensor, nlist: int, target: float):
     nprobe = 1
     while True:
@@ -129,8 +148,9 @@ def exact_rows(count: int, vectors, chunks, queries, args, rows: list[dict]) -> 
     _, truth = flat.search_ids(queries, k)
     _, faiss_truth = faiss_flat.search(queries.numpy(), k)
     agreement = recall(truth, torch.from_numpy(faiss_truth))
-    kvops_exact = timed(lambda q: flat.search_ids(q, k), queries, args.single)
-    faiss_exact = timed(lambda q: faiss_flat.search(q.numpy(), k), queries, args.single)
+    kvops_exact, faiss_exact = paired(
+        lambda q: flat.search_ids(q, k), lambda q: faiss_flat.search(q.numpy(), k), queries, args
+    )
     for system, build, figures in (
         ("kvops flat", kvops_flat_build, kvops_exact),
         ("faiss IndexFlatIP", faiss_flat_build, faiss_exact),
@@ -190,9 +210,13 @@ def run_size(count: int, args, generator: torch.Generator) -> list[dict]:
     faiss_nprobe, faiss_recall = smallest_nprobe(
         faiss_ivf_search, truth, queries, nlist, args.target_recall
     )
-    kvops_ivf = timed(lambda q: ivf.search_ids(q, k, nprobe=kvops_nprobe), queries, args.single)
     faiss_ivf.nprobe = faiss_nprobe
-    faiss_ivf_figures = timed(lambda q: faiss_ivf.search(q.numpy(), k), queries, args.single)
+    kvops_ivf, faiss_ivf_figures = paired(
+        lambda q: ivf.search_ids(q, k, nprobe=kvops_nprobe),
+        lambda q: faiss_ivf.search(q.numpy(), k),
+        queries,
+        args,
+    )
     for system, build, nprobe, achieved, figures in (
         ("kvops ivf", kvops_ivf_build, kvops_nprobe, kvops_recall, kvops_ivf),
         ("faiss IndexIVFFlat", faiss_ivf_build, faiss_nprobe, faiss_recall, faiss_ivf_figures),
@@ -219,6 +243,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries of the batched run")
     parser.add_argument("--single", type=int, default=100, help="one-query searches timed")
     parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating kvops/FAISS timings, medians kept"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch's and FAISS's threads (default torch's)"
+    )
     parser.add_argument("--no-build-pipeline", action="store_true")
     parser.add_argument(
         "--ivf-max",
@@ -230,7 +260,11 @@ def main() -> None:
     args = parser.parse_args()
     import faiss
 
-    threads = torch.get_num_threads()
+    # The same thread count for both: torch's (kvops' exact search) and FAISS's OpenMP. kvops'
+    # IVF search runs on the calling thread whatever this is (worker/rag/ivf_scan.py); run with
+    # --threads 1 for FAISS on one thread too.
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     rows = [] if args.no_build_pipeline else [build_throughput()]
     generator = torch.Generator().manual_seed(0)

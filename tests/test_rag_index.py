@@ -12,7 +12,6 @@ import mmap
 import pytest
 import torch
 
-from kvops.worker.rag import index as index_module
 from kvops.worker.rag.chunking import Chunk, chunk_text
 from kvops.worker.rag.embedding import MiniLMEmbedder
 from kvops.worker.rag.index import VectorIndex, calibrated_nprobe
@@ -165,7 +164,7 @@ RECORDED_NPROBE = 8
 
 
 @pytest.mark.slow
-def test_ivf_recall_at_10_against_exact_search_on_100k_vectors(monkeypatch):
+def test_ivf_recall_at_10_against_exact_search_on_100k_vectors():
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(1000, 384, generator=generator)
     vectors = clustered(100_000, centres, generator)
@@ -185,16 +184,44 @@ def test_ivf_recall_at_10_against_exact_search_on_100k_vectors(monkeypatch):
     # The build picks its own default nprobe for 0.95 on a sample of its vectors.
     assert ivf.nprobe == calibrated_nprobe(ivf) <= RECORDED_NPROBE
     assert recall(ivf.search_ids(queries, 10)[1]) >= 0.95
-    # The two IVF paths agree: all candidates gathered at once, and list by list (what a batch
-    # too large to gather takes), one query at a time and batched.
-    gathered = ivf.search_ids(queries[:20], 10, nprobe=4)[1]
+    # The two IVF paths agree: one query at a time (its probed lists concatenated) and batched
+    # (list-major: each probed list scored once for all the queries probing it).
+    batched = ivf.search_ids(queries[:20], 10, nprobe=4)[1]
     one_by_one = torch.cat([ivf.search_ids(q[None], 10, nprobe=4)[1] for q in queries[:20]])
-    monkeypatch.setattr(index_module, "IVF_GATHER_FLOATS", 0)
-    assert torch.equal(one_by_one, gathered)
-    assert torch.equal(ivf.search_ids(queries[:20], 10, nprobe=4)[1], gathered)
+    assert torch.equal(one_by_one, batched)
     # Filters hold in IVF too.
     _, odd = ivf.search_ids(queries[:20], 10, filters={"parity": "1"})
     assert bool((odd % 2 == 1).all())
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_ivf_probing_every_list_is_exact_search_with_filters_too(metric):
+    generator = torch.Generator().manual_seed(2)
+    vectors = clustered(3000, torch.randn(30, 32, generator=generator), generator)
+    queries = torch.randn(7, 32, generator=generator)
+    chunks = random_chunks(3000)
+    exact = VectorIndex.build(vectors, chunks, metric)
+    ivf = VectorIndex.build(vectors, chunks, metric, "ivf", nlist=40, nprobe=1)
+    # The lists are stored contiguously: every row once, list by list.
+    assert ivf.list_offsets is not None and ivf.rows is not None
+    assert ivf.list_offsets[-1] == 3000 and torch.equal(ivf.rows.sort().values, torch.arange(3000))
+    for filters in (None, {"parity": "1"}, {"source": "doc3", "parity": "0"}):
+        want_values, want = exact.search_ids(queries, 10, filters)
+        # Batched and one query at a time.
+        got_values, got = ivf.search_ids(queries, 10, filters, nprobe=40)
+        assert torch.equal(got, want), filters
+        torch.testing.assert_close(got_values, want_values, rtol=1e-4, atol=1e-3)
+        singles = torch.cat([ivf.search_ids(q[None], 10, filters, nprobe=40)[1] for q in queries])
+        assert torch.equal(singles, want), filters
+        if filters:
+            assert all(chunks[n].metadata["parity"] == filters["parity"] for n in got.flatten())
+    # Fewer matches than top_k: the rest is -1, in both paths.
+    _, few = ivf.search_ids(queries, 3000, {"source": "doc3", "parity": "0"}, nprobe=40)
+    _, few_exact = exact.search_ids(queries, 3000, {"source": "doc3", "parity": "0"})
+    assert torch.equal(few.sort(1).values, few_exact.sort(1).values)
+    assert bool((few[:, -1] == -1).all())
+    _, one = ivf.search_ids(queries[:1], 3000, {"source": "doc3", "parity": "0"}, nprobe=40)
+    assert torch.equal(one.sort(1).values, few_exact[:1].sort(1).values)
 
 
 @pytest.mark.parametrize("index_type", ["flat", "ivf"])

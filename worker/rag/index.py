@@ -17,7 +17,6 @@ squared Euclidean distance.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
@@ -27,24 +26,19 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kvops.worker.rag.chunking import Chunk
+from kvops.worker.rag.ivf_scan import ListMajorScan, normalised
 
 FORMAT_VERSION = 1
 METRICS = ("cosine", "dot", "l2")
 INDEX_TYPES = ("flat", "ivf")
 # Score blocks of at most this many floats (64 MiB) when scanning the whole index.
 SCORE_BLOCK = 1 << 24
-# IVF gathers the candidate vectors of all queries at once while they take at most this many
-# floats (4 MiB: a few queries); beyond it, copying candidates costs more than visiting each
-# probed list once for all the queries probing it. Either way IVF runs on the calling thread
-# alone (as FAISS does for one query): its many small operations lose more to waking OpenMP
-# workers than they gain (measured: 10k vectors, 500 queries, list by list: ~2500 queries/s on
-# one thread, ~300 on two on a busy 2-CPU machine).
-IVF_GATHER_FLOATS = 1 << 20
 
 
 @dataclass
@@ -61,18 +55,6 @@ class Hit:
             "score": self.score,
             "metadata": self.chunk.metadata,
         }
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch's intra-op parallelism off for the calling thread (OpenMP's thread count is a
-    per-thread setting), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def default_nlist(count: int) -> int:
@@ -96,7 +78,7 @@ def calibrated_nprobe(index: VectorIndex, target_recall: float = 0.95, sample: i
     total = max(1, sum(len(found) for found in truth_sets))
     nprobe = 1
     while nprobe < nlist:
-        _, found = index._ivf(queries, k, None, nprobe)
+        _, found = index._ivf(queries.numpy(), k, None, nprobe)
         hits = sum(len(t & set(f)) for t, f in zip(truth_sets, found.tolist(), strict=True))
         if hits / total >= target_recall:
             return nprobe
@@ -187,6 +169,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self._filter_rows: dict[str, dict[str, list[int]]] = {}
         self._mmaps: list[mmap.mmap] = []
+        self._scan: ListMajorScan | None = None
 
     @property
     def index_type(self) -> str:
@@ -281,22 +264,24 @@ class VectorIndex:
                 f"queries of shape {tuple(queries.shape)}: this index holds {self.dimension}-d "
                 "vectors"
             )
-        queries = queries.float()
-        if self.metric == "cosine":
-            queries = F.normalize(queries, dim=-1)
+        queries = queries.detach().float()
         allowed = self.allowed_rows(filters) if filters else None
         k = min(top_k, len(self))
         if k == 0:
             empty = torch.empty(queries.shape[0], 0)
             return empty, empty.long()
         if self.centroids is None:
+            if self.metric == "cosine":
+                queries = F.normalize(queries, dim=-1)
             values, rows = self._exact(queries, k, allowed)
-        else:
-            values, rows = self._ivf(queries, k, allowed, nprobe or self.nprobe or 1)
-        rows = rows.where(values > float("-inf"), -1)
-        if self.rows is not None:
-            rows = torch.where(rows >= 0, self.rows[rows.clamp(min=0)], -1)
-        return values, rows
+            return values, rows.where(values > float("-inf"), -1)
+        ivf_queries = queries.contiguous().numpy()
+        if self.metric == "cosine":
+            ivf_queries = normalised(ivf_queries)
+        ivf_values, ivf_rows = self._ivf(ivf_queries, k, allowed, nprobe or self.nprobe or 1)
+        assert self.rows is not None
+        chunk_numbers = np.where(ivf_rows >= 0, self.rows.numpy()[ivf_rows], -1)
+        return torch.from_numpy(ivf_values), torch.from_numpy(chunk_numbers)
 
     def _exact(self, queries, k, allowed):
         block = max(k, SCORE_BLOCK // queries.shape[0])
@@ -316,74 +301,20 @@ class VectorIndex:
             best_values, best_rows = values, rows
         return best_values, best_rows
 
-    def _ivf(self, queries, k, allowed, nprobe):
-        assert self.centroids is not None and self.list_offsets is not None
-        nprobe = min(nprobe, self.centroids.shape[0])
-        probes = scores(queries, self.centroids, self.metric).topk(nprobe, dim=1).indices
-        starts = self.list_offsets[probes]
-        lengths = self.list_offsets[probes + 1] - starts
-        candidates = int(lengths.sum(1).max())
-        with one_thread():
-            if queries.shape[0] * candidates * self.dimension > IVF_GATHER_FLOATS:
-                return self._ivf_by_list(queries, k, allowed, probes)
-            return self._ivf_gathered(queries, k, allowed, starts, lengths, candidates)
-
-    def _ivf_gathered(self, queries, k, allowed, starts, lengths, candidates):
-        """All queries at once: each query's probed lists as one padded row of candidate rows
-        (position j falls in the probe whose cumulative length first exceeds j), the candidate
-        vectors gathered, then one batched product and top-k. A constant number of tensor
-        operations, however many queries and probes."""
-        ends = lengths.cumsum(1)
-        positions = torch.arange(candidates).expand(queries.shape[0], candidates).contiguous()
-        probe = torch.searchsorted(ends, positions, right=True).clamp(max=ends.shape[1] - 1)
-        rows = starts.gather(1, probe) + positions - (ends - lengths).gather(1, probe)
-        valid = positions < ends[:, -1:]
-        rows = rows.where(valid, 0)
-        gathered = self.vectors.index_select(0, rows.flatten()).view(*rows.shape, -1)
-        row_scores = torch.bmm(gathered, queries.unsqueeze(2)).squeeze(2)
-        if self.metric == "l2":
-            assert self.squared_norms is not None
-            row_scores = (
-                2 * row_scores - self.squared_norms[rows] - (queries * queries).sum(1, True)
+    def _ivf(self, queries, k, allowed, nprobe) -> tuple[np.ndarray, np.ndarray]:
+        """[nq, k] scores and storage rows (-1 where none) from the nprobe lists nearest each
+        query (ivf_scan.py)."""
+        if self._scan is None:
+            assert self.centroids is not None and self.list_offsets is not None
+            norms = self.squared_norms
+            self._scan = ListMajorScan(
+                self.centroids.numpy(),
+                self.vectors.numpy(),
+                self.list_offsets.tolist(),
+                self.metric,
+                None if norms is None else norms.numpy(),
             )
-        if allowed is not None:
-            valid &= allowed[rows]
-        row_scores.masked_fill_(~valid, float("-inf"))
-        kept = min(k, candidates)
-        values, picked = row_scores.topk(kept, dim=1)
-        rows = rows.gather(1, picked)
-        if kept < k:
-            values = F.pad(values, (0, k - kept), value=float("-inf"))
-            rows = F.pad(rows, (0, k - kept), value=0)
-        return values, rows
-
-    def _ivf_by_list(self, queries, k, allowed, probes):
-        """Each probed list once, scored against every query that probes it."""
-        count, nprobe = probes.shape
-        values = torch.full((count, nprobe, k), float("-inf"))
-        rows = torch.zeros((count, nprobe, k), dtype=torch.long)
-        flat = probes.flatten()
-        order = torch.argsort(flat)
-        lists, sizes = torch.unique_consecutive(flat[order], return_counts=True)
-        assert self.list_offsets is not None
-        offsets = self.list_offsets.tolist()
-        position = 0
-        for list_number, size in zip(lists.tolist(), sizes.tolist(), strict=True):
-            pairs = order[position : position + size]
-            position += size
-            start, end = offsets[list_number], offsets[list_number + 1]
-            if start == end:
-                continue
-            who, slot = pairs // nprobe, pairs % nprobe
-            list_scores = self._scores(queries[who], start, end)
-            if allowed is not None:
-                list_scores.masked_fill_(~allowed[start:end], float("-inf"))
-            kept = min(k, end - start)
-            top_values, top_rows = list_scores.topk(kept, dim=1)
-            values[who, slot, :kept] = top_values
-            rows[who, slot, :kept] = top_rows + start
-        best, picked = values.view(count, -1).topk(k, dim=1)
-        return best, rows.view(count, -1).gather(1, picked)
+        return self._scan.search(queries, k, nprobe, None if allowed is None else allowed.numpy())
 
     def _scores(self, queries, start, end):
         norms = None if self.squared_norms is None else self.squared_norms[start:end]
