@@ -12,6 +12,7 @@ import mmap
 import pytest
 import torch
 
+from kvops.worker.rag import index as index_module
 from kvops.worker.rag.chunking import Chunk, chunk_text
 from kvops.worker.rag.embedding import MiniLMEmbedder
 from kvops.worker.rag.index import VectorIndex, calibrated_nprobe
@@ -136,6 +137,56 @@ def test_exact_search_is_brute_force(metric):
     masked = expected.clone()
     masked[:, 0::2] = float("-inf")
     assert torch.equal(odd, masked.topk(10, dim=1).indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_one_query_exact_search_agrees_with_the_batched_path(metric):
+    """One query runs in numpy (einsum), a batch in torch (a matrix product): the same rows and
+    scores, filters included. (Deep in a ranking the two summation orders can swap scores a
+    rounding error apart, so the full ranking is compared as sets; exact ties are the next
+    test's.)"""
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.randn(3000, 32, generator=generator)
+    queries = torch.randn(6, 32, generator=generator)
+    index = VectorIndex.build(vectors, random_chunks(3000), metric)
+    for filters in (None, {"parity": "1"}, {"source": "doc3", "parity": "0"}):
+        batched_values, batched = index.search_ids(queries, 10, filters)
+        singles = [index.search_ids(q[None], 10, filters) for q in queries]
+        assert torch.equal(torch.cat([ids for _, ids in singles]), batched), filters
+        single_values = torch.cat([values for values, _ in singles])
+        torch.testing.assert_close(single_values, batched_values, rtol=1e-4, atol=1e-4)
+    # Fewer matches (214: chunk numbers 10 modulo 14) than top_k: all, then -1, in both paths.
+    few_filter = {"source": "doc3", "parity": "0"}
+    _, few = index.search_ids(queries, 500, few_filter)
+    for q, row in zip(queries, few, strict=True):
+        _, one = index.search_ids(q[None], 500, few_filter)
+        assert one[0].sort().values.tolist() == row.sort().values.tolist()
+        assert (row == -1).sum() == 500 - 214
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_exact_search_breaks_ties_by_the_lower_chunk_number_in_both_paths(metric, monkeypatch):
+    """Vectors of -1, 0 and 1 give exact integer scores and so many equal ones: both paths
+    return, among equal scores, the lower chunk numbers first (torch's topk alone picks among
+    them arbitrarily). Small score blocks make the batched path merge blocks too."""
+    monkeypatch.setattr(index_module, "SCORE_BLOCK", 5 * 256)
+    generator = torch.Generator().manual_seed(4)
+    vectors = torch.randint(-1, 2, (2000, 8), generator=generator)
+    queries = torch.randint(-1, 2, (5, 8), generator=generator)
+    index = VectorIndex.build(vectors.float(), random_chunks(2000), metric)
+    if metric == "dot":
+        exact = queries @ vectors.T
+    else:
+        exact = -((queries[:, None, :] - vectors[None]) ** 2).sum(-1)
+    scores = exact.tolist()
+    for filters in (None, {"parity": "1"}):
+        rows = [row for row in range(2000) if filters is None or row % 2 == 1]
+        expected = [sorted(rows, key=lambda r, s=s: (-s[r], r))[:25] for s in scores]
+        values, batched = index.search_ids(queries.float(), 25, filters)
+        singles = torch.cat([index.search_ids(q[None].float(), 25, filters)[1] for q in queries])
+        assert batched.tolist() == expected, filters
+        assert singles.tolist() == expected, filters
+        assert torch.equal(values, exact.gather(1, batched).float())
 
 
 def test_fewer_matches_than_top_k_and_bad_queries():
