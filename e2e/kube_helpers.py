@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -99,3 +100,58 @@ class Namespace:
         except Exception as error:
             return str(error)
         pytest.fail(f"the API server accepted {obj['metadata']['name']}")
+
+
+def kube_time() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def terminate_pod(
+    kubectl: Callable[..., Any], pod: dict[str, Any], exit_code: int, message: str
+) -> None:
+    """Finish a pod on a kwok node (where no container ever runs) the way a kubelet would when
+    its container exits: a terminal phase, the container's terminated state carrying `message` as
+    its termination message, pod conditions no longer ready. The Job controller takes it from
+    there. `kubectl` runs kubectl with its arguments (e2e tests' Kube)."""
+    now = kube_time()
+    container = pod["spec"]["containers"][0]
+    conditions = [
+        {"type": type_, "status": status, "lastTransitionTime": now}
+        for type_, status in [
+            ("PodScheduled", "True"),
+            ("Initialized", "True"),
+            ("ContainersReady", "False"),
+            ("Ready", "False"),
+        ]
+    ]
+    terminated = {
+        "exitCode": exit_code,
+        "reason": "Completed" if exit_code == 0 else "Error",
+        "message": message,
+        "startedAt": pod["status"].get("startTime", now),
+        "finishedAt": now,
+    }
+    status = {
+        "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "conditions": conditions,
+        "containerStatuses": [
+            {
+                "name": container["name"],
+                "image": container["image"],
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+    kubectl(
+        "patch",
+        "pod",
+        pod["metadata"]["name"],
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )

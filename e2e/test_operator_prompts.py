@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kube_helpers import install_crds
+from kube_helpers import install_crds, terminate_pod
 from test_operator_cluster import Kube, Operator, llmd, service_account_kubeconfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -132,42 +132,7 @@ def finish_eval_pod(kube: Kube, job: dict[str, Any], exit_code: int, message: di
         return running[0] if running else None
 
     pod = kube.wait(f"the pod of {name} running on a fake node", running_pod)
-    container = pod["spec"]["containers"][0]
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    terminated = {
-        "exitCode": exit_code,
-        "reason": "Completed" if exit_code == 0 else "Error",
-        "message": json.dumps(message),
-        "startedAt": now,
-        "finishedAt": now,
-    }
-    status = {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "conditions": [
-            {"type": "Ready", "status": "False", "lastTransitionTime": now},
-            {"type": "ContainersReady", "status": "False", "lastTransitionTime": now},
-        ],
-        "containerStatuses": [
-            {
-                "name": container["name"],
-                "image": container["image"],
-                "imageID": "",
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "state": {"terminated": terminated},
-            }
-        ],
-    }
-    kube(
-        "patch",
-        "pod",
-        pod["metadata"]["name"],
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
+    terminate_pod(kube, pod, exit_code, json.dumps(message))
 
 
 def summary(kube: Kube, version: str, passed: int, failed: int) -> dict[str, Any]:

@@ -216,13 +216,13 @@ def test_pod_reaches_the_api_server_through_the_kubernetes_service(
     assert "Client sent an HTTP request to an HTTPS server." in logs
 
 
-def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
-    real_cluster: LocalControlPlane, namespace: str
-):
-    # busybox httpd serves from an emptyDir: the root filesystem is read-only.
+def serve_web_page(real_cluster: LocalControlPlane, namespace: str, page: str) -> str:
+    """A busybox httpd pod `web` serving `page` behind a Service `web` (port 80); waits until the
+    pod is Ready and the Service's ClusterIP answers, and returns that ClusterIP."""
+    # httpd serves from an emptyDir: the root filesystem is read-only.
     server = busybox_pod(
         "web",
-        "echo served > /www/index.html && exec httpd -f -p 8080 -h /www",
+        f"echo {page} > /www/index.html && exec httpd -f -p 8080 -h /www",
         restartPolicy="Always",
         volumes=[{"name": "www", "emptyDir": {}}],
         container={
@@ -238,10 +238,19 @@ def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
     }
     apply(real_cluster, namespace, server, service)
-    pod = wait_for_phase(real_cluster, namespace, "web", "Running")
     real_cluster.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=60s"
+        "wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=90s", timeout=100
     )
+    cluster_ip = get_json(real_cluster, "service", "web", "-n", namespace)["spec"]["clusterIP"]
+    # kube-proxy programs the Service's rules shortly after its endpoints appear.
+    wait_for("the Service's ClusterIP to answer", lambda: _answers(f"http://{cluster_ip}/"), 30)
+    return cluster_ip
+
+
+def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
+    real_cluster: LocalControlPlane, namespace: str
+):
+    cluster_ip = serve_web_page(real_cluster, namespace, "served")
     pod = get_json(real_cluster, "pod", "web", "-n", namespace)
 
     def get(url: str) -> str:
@@ -249,9 +258,6 @@ def test_host_reaches_a_pod_by_its_ip_its_service_and_port_forward(
             return response.read().decode()
 
     assert get(f"http://{pod['status']['podIP']}:8080/") == "served\n"
-    cluster_ip = get_json(real_cluster, "service", "web", "-n", namespace)["spec"]["clusterIP"]
-    # kube-proxy programs the Service's rules shortly after its endpoints appear.
-    wait_for("the Service's ClusterIP to answer", lambda: _answers(f"http://{cluster_ip}/"), 30)
     assert get(f"http://{cluster_ip}/") == "served\n"
 
     forward = subprocess.Popen(
@@ -298,28 +304,7 @@ except socket.gaierror as error:
 def test_pod_resolves_services_by_name_and_reaches_one_by_its_cluster_ip(
     real_cluster: LocalControlPlane, namespace: str, images: dict[str, Path]
 ):
-    server = busybox_pod(
-        "web",
-        "echo served by name > /www/index.html && exec httpd -f -p 8080 -h /www",
-        restartPolicy="Always",
-        volumes=[{"name": "www", "emptyDir": {}}],
-        container={
-            "volumeMounts": [{"name": "www", "mountPath": "/www"}],
-            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-        },
-    )
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
-    }
-    apply(real_cluster, namespace, server, service)
-    real_cluster.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=90s", timeout=100
-    )
-    cluster_ip = get_json(real_cluster, "service", "web", "-n", namespace)["spec"]["clusterIP"]
-    wait_for("the Service's ClusterIP to answer", lambda: _answers(f"http://{cluster_ip}/"), 30)
+    cluster_ip = serve_web_page(real_cluster, namespace, "served by name")
 
     # The operator image: a Debian userland whose glibc resolver follows the pod's resolv.conf.
     python_image = next(reference for reference in images if "kvops-operator" in reference)

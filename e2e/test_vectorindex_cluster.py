@@ -12,13 +12,12 @@ covers on the real node.
 
 from __future__ import annotations
 
-import datetime
 import json
 import uuid
 from typing import Any
 
 import pytest
-from kube_helpers import install_crds
+from kube_helpers import install_crds, terminate_pod
 from test_operator_cluster import Kube, Operator, service_account_kubeconfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -111,57 +110,6 @@ def build_pod(kube: Kube, build: str) -> dict[str, Any]:
     return kube.wait(f"build {build}'s pod running", running)
 
 
-def finish(kube: Kube, pod: dict[str, Any], exit_code: int, message: str) -> None:
-    """What the kubelet writes when the build container exits: a terminal phase, the container's
-    terminated state with its termination message, pod conditions no longer ready."""
-    now = kube_time()
-    container = pod["spec"]["containers"][0]
-    conditions = [
-        {"type": type_, "status": status, "lastTransitionTime": now}
-        for type_, status in [
-            ("PodScheduled", "True"),
-            ("Initialized", "True"),
-            ("ContainersReady", "False"),
-            ("Ready", "False"),
-        ]
-    ]
-    terminated = {
-        "exitCode": exit_code,
-        "reason": "Completed" if exit_code == 0 else "Error",
-        "message": message,
-        "startedAt": pod["status"].get("startTime", now),
-        "finishedAt": now,
-    }
-    status = {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "conditions": conditions,
-        "containerStatuses": [
-            {
-                "name": container["name"],
-                "image": container["image"],
-                "imageID": "",
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "state": {"terminated": terminated},
-            }
-        ],
-    }
-    kube(
-        "patch",
-        "pod",
-        pod["metadata"]["name"],
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
-
-
-def kube_time() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def search_deployment(kube: Kube, name: str) -> dict[str, Any] | None:
     return kube.get("deployment", f"{name}-search")
 
@@ -203,7 +151,7 @@ def wait_served(kube: Kube, name: str, build: str) -> dict[str, Any]:
 def build_and_serve(kube: Kube, name: str, other_than: str | None = None) -> str:
     build = wanted_build(kube, name, other_than)
     provision(kube, name, build)
-    finish(kube, build_pod(kube, build), 0, json.dumps(FIGURES))
+    terminate_pod(kube, build_pod(kube, build), 0, json.dumps(FIGURES))
     wait_served(kube, name, build)
     return build
 
@@ -224,7 +172,7 @@ def test_the_first_build_gates_search(kube):
     assert search_deployment(kube, "gate") is None
     assert conditions(kube, "gate")["Ready"]["status"] == "False"
 
-    finish(kube, pod, 0, json.dumps(FIGURES))
+    terminate_pod(kube, pod, 0, json.dumps(FIGURES))
     status = wait_served(kube, "gate", build)
     assert served_directory(kube, "gate") == f"/index/{build}"
     assert (status["documents"], status["chunks"], status["dimension"]) == (2, 3, 384)
@@ -255,7 +203,8 @@ def test_a_rebuild_serves_the_old_build_until_it_succeeds(kube):
     assert (status["phase"], status["servedBuild"]) == ("Ready", first)
     assert served_directory(kube, "rebuild") == f"/index/{first}"
 
-    finish(kube, pod, 1, "Traceback (most recent call last):\nValueError: no documents in /source")
+    error = "Traceback (most recent call last):\nValueError: no documents in /source"
+    terminate_pod(kube, pod, 1, error)
     failure = degraded(kube, "rebuild")
     assert failure["reason"] == "BuildFailed"
     assert failing in failure["message"] and "no documents in /source" in failure["message"]
@@ -304,7 +253,7 @@ def test_an_image_change_builds_anew_and_drops_a_superseded_running_job(kube):
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0")
 
     provision(kube, "images", latest)
-    finish(kube, build_pod(kube, latest), 0, json.dumps(FIGURES))
+    terminate_pod(kube, build_pod(kube, latest), 0, json.dumps(FIGURES))
     wait_served(kube, "images", latest)
     deployment = search_deployment(kube, "images")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.3.0")

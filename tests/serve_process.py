@@ -21,16 +21,23 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`kvops serve` in a subprocess; `with ServeProcess(...) as server:` waits until ready."""
+    """`kvops serve` (or another serving `command`, such as ("index", "serve")) in a subprocess;
+    `with ServeProcess(...) as server:` waits until ready."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_timeout: float = 180):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 180,
+        command: tuple[str, ...] = ("serve",),
+    ):
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.args = [
             sys.executable,
             "-m",
             "kvops.worker.serve.cli",
-            "serve",
+            *command,
             "--http-port",
             str(self.http_port),
             "--grpc-port",
@@ -95,6 +102,11 @@ class ServeProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
         self.log.close()
+
+
+def index_serve_process(index: str | os.PathLike) -> ServeProcess:
+    """`kvops index serve` over the built index folder `index`, on 127.0.0.1."""
+    return ServeProcess("--index", str(index), "--host", "127.0.0.1", command=("index", "serve"))
 
 
 def metrics(server) -> dict[tuple[str, tuple], float]:

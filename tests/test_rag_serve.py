@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serve_process import ServeProcess, free_port, metric_sum, metrics
+from serve_process import free_port, index_serve_process, metric_sum, metrics
 
 from kvops.v1 import engine_pb2, engine_pb2_grpc
 from kvops.worker.rag.client import SearchClient, SearchUnavailable
@@ -133,22 +133,7 @@ def test_build_errors_are_clear_and_reach_the_termination_log(tmp_path):
 @pytest.fixture(scope="module")
 def server(built):
     output, _, _ = built
-    process = ServeProcess()
-    process.args = [
-        sys.executable,
-        "-m",
-        "kvops.worker.serve.cli",
-        "index",
-        "serve",
-        "--index",
-        str(output),
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(process.http_port),
-        "--grpc-port",
-        str(process.grpc_port),
-    ]
+    process = index_serve_process(output)
     with process:
         yield process
 
@@ -268,22 +253,7 @@ def test_search_client_errors():
 @pytest.mark.slow
 def test_sigterm_stops_the_server(built):
     output, _, _ = built
-    process = ServeProcess()
-    process.args = [
-        sys.executable,
-        "-m",
-        "kvops.worker.serve.cli",
-        "index",
-        "serve",
-        "--index",
-        str(output),
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(process.http_port),
-        "--grpc-port",
-        str(process.grpc_port),
-    ]
+    process = index_serve_process(output)
     with process:
         process.process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0

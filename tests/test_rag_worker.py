@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 from otlp_receiver import OTLPReceiver
-from serve_process import ServeProcess, metric_sum, metrics
+from serve_process import ServeProcess, index_serve_process, metric_sum, metrics
 from starlette.testclient import TestClient
 from test_serve_inprocess import FakeAsyncEngine, collect, generate_request, run_grpc, serving_state
 
@@ -80,12 +80,7 @@ def index(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def index_server(index):
-    process = ServeProcess()
-    process.args = [
-        sys.executable, "-m", "kvops.worker.serve.cli", "index", "serve", "--index", str(index),
-        "--host", "127.0.0.1", "--http-port", str(process.http_port),
-        "--grpc-port", str(process.grpc_port),
-    ]  # fmt: skip
+    process = index_serve_process(index)
     with process:
         yield process
 

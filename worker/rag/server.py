@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import contextlib
 import logging
-import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from starlette.routing import Route
 from kvops.v1 import engine_pb2, engine_pb2_grpc
 from kvops.worker.rag.embedding import Embedder, embedder_for
 from kvops.worker.rag.index import Hit, VectorIndex
+from kvops.worker.serve.listen import HttpServer, start_listening, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -293,14 +292,6 @@ class IndexSearchService(engine_pb2_grpc.EngineServicer):
 # ---------------------------------------------------------------------------------------- serve
 
 
-class _HttpServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: serve_index() owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
 def load_service(index_folder: str, executor=None) -> SearchService:
     index = VectorIndex.load(index_folder)
     return SearchService(index, embedder_for(index.embedder), executor)
@@ -323,26 +314,15 @@ async def serve_index(options: SearchServerOptions) -> int:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
     grpc_server.add_insecure_port(f"{options.host}:{options.grpc_port}")
-    http = _HttpServer(
+    http = HttpServer(
         uvicorn.Config(
             create_app(service), host=options.host, port=options.http_port, log_level="warning"
         )
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await grpc_server.start()
+    stop = stop_on_signals()
+    http_task = await start_listening(grpc_server, http, f"{options.host}:{options.http_port}")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http_task = asyncio.create_task(http.serve())
-    while not http.started and not http_task.done():
-        await asyncio.sleep(0.05)
-    if http_task.done():
-        await grpc_server.stop(0)
-        http_task.result()
-        raise RuntimeError(
-            f"the HTTP server could not listen on {options.host}:{options.http_port}"
-        )
     log.info(
         "kvops index serving %d chunks: http://%s:%d, grpc://%s:%d",
         len(service.index),

@@ -6,11 +6,8 @@ flight get `shutdown_grace` seconds to finish, then both servers stop and the pr
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
-import signal
 from dataclasses import dataclass
 
 import prometheus_client
@@ -19,6 +16,7 @@ import uvicorn
 from kvops.worker.async_engine import AsyncLLMEngine
 from kvops.worker.serve import grpc as grpc_api
 from kvops.worker.serve.http import create_app
+from kvops.worker.serve.listen import HttpServer, start_listening, stop_on_signals
 from kvops.worker.serve.retrieval import Retrieval
 from kvops.worker.serve.service import ServingOptions, ServingState
 from kvops.worker.serve.telemetry import RequestTracer, ServingMetrics, configure_tracing
@@ -40,14 +38,6 @@ class ServerOptions:
             raise ValueError("grpc_tls_cert and grpc_tls_key must be given together")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
-
-
-class _HttpServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: `serve()` below owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerOptions) -> int:
@@ -72,7 +62,7 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
         _read(server.grpc_tls_key),
         retrieval,
     )
-    http = _HttpServer(
+    http = HttpServer(
         uvicorn.Config(
             create_app(state, retrieval),
             host=server.host,
@@ -82,20 +72,9 @@ async def serve(engine: AsyncLLMEngine, options: ServingOptions, server: ServerO
             timeout_graceful_shutdown=math.ceil(max(server.shutdown_grace, 1)),
         )
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    await grpc_server.start()
+    stop = stop_on_signals()
+    http_task = await start_listening(grpc_server, http, f"{server.host}:{server.http_port}")
     await grpc_api.set_serving(health, True)
-    http_task = asyncio.create_task(http.serve())
-    while not http.started and not http_task.done():
-        await asyncio.sleep(0.05)
-    if http_task.done():
-        await grpc_server.stop(0)
-        http_task.result()
-        raise RuntimeError(f"the HTTP server could not listen on {server.host}:{server.http_port}")
     scheme = "grpcs" if server.grpc_tls_cert else "grpc"
     log.info(
         "kvops serving %s: http://%s:%d (OpenAI API), %s://%s:%d",
