@@ -533,15 +533,16 @@ def warning_events(kube: Kube, kind: str, name: str) -> str:
     )
 
 
-def test_sources_the_worker_cannot_load_are_refused_with_a_condition(kube):
-    obj = llmd("from-hub")
-    obj["spec"]["model"]["source"] = "hf://org/model@main"
+def test_model_settings_the_worker_cannot_honour_are_refused_with_a_condition(kube):
+    # Quantized execution is not in this release (issue 15): refused, not silently ignored.
+    obj = llmd("quantized")
+    obj["spec"]["model"]["quantization"] = "q4_0"
     kube.apply(obj)
-    condition = degraded(kube, "llmd", "from-hub", "UnsupportedModelSource")
-    assert "cannot load hf:// models yet" in condition["message"]
-    assert kube.status("llmd", "from-hub")["phase"] == "Degraded"
-    assert kube.get("deployment", "from-hub") is None  # nothing that would crash-loop
-    assert "UnsupportedModelSource" in warning_events(kube, "LLMDeployment", "from-hub")
+    condition = degraded(kube, "llmd", "quantized", "UnsupportedQuantization")
+    assert "set quantization none" in condition["message"]
+    assert kube.status("llmd", "quantized")["phase"] == "Degraded"
+    assert kube.get("deployment", "quantized") is None  # nothing that would crash-loop
+    assert "UnsupportedQuantization" in warning_events(kube, "LLMDeployment", "quantized")
 
 
 def test_a_child_the_api_server_refuses_ends_in_degraded_and_one_warning(kube):
