@@ -4,6 +4,7 @@ kwok's fake GPU nodes): `kvops operator` runs as a subprocess, the resources go 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,20 +124,28 @@ def service_account_kubeconfig(cluster, namespace: str, folder: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def operator(kube_cluster, namespace, tmp_path_factory):
+@contextlib.contextmanager
+def operator_under_its_role(cluster, namespace: str, folder: Path) -> Iterator[Operator]:
     """The operator under its own least-privilege Role: a missing permission fails the tests, and
     so does any handler that raised (kopf retries those, which could hide a broken handler behind
     the 60 s timer)."""
-    folder = tmp_path_factory.mktemp("operator")
-    kubeconfig = service_account_kubeconfig(kube_cluster, namespace, folder)
-    process = Operator(kubeconfig, namespace, folder / "log")
+    process = Operator(
+        service_account_kubeconfig(cluster, namespace, folder), namespace, folder / "log"
+    )
     process.start()
     yield process
     process.stop()
     log = process.log_tail(100000).splitlines()
     crashed = [line for line in log if "with an exception" in line]
     assert not crashed, "handlers raised:\n" + "\n".join(crashed[:10])
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, namespace, tmp_path_factory):
+    with operator_under_its_role(
+        kube_cluster, namespace, tmp_path_factory.mktemp("operator")
+    ) as process:
+        yield process
 
 
 class Kube(Namespace):

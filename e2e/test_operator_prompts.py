@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from kube_helpers import install_crds, terminate_pod
-from test_operator_cluster import Kube, Operator, llmd, service_account_kubeconfig
+from test_operator_cluster import Kube, llmd, operator_under_its_role
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -42,16 +42,10 @@ def namespace(kube_cluster) -> str:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster, namespace, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("operator")
-    kubeconfig = service_account_kubeconfig(kube_cluster, namespace, folder)
-    process = Operator(kubeconfig, namespace, folder / "log")
-    process.start()
-    yield process
-    process.stop()
-    crashed = [
-        line for line in process.log_tail(100000).splitlines() if "with an exception" in line
-    ]
-    assert not crashed, "handlers raised:\n" + "\n".join(crashed[:10])
+    with operator_under_its_role(
+        kube_cluster, namespace, tmp_path_factory.mktemp("operator")
+    ) as process:
+        yield process
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from kube_helpers import install_crds, terminate_pod
-from test_operator_cluster import Kube, Operator, service_account_kubeconfig
+from test_operator_cluster import Kube, operator_under_its_role
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -36,17 +36,10 @@ def namespace(kube_cluster) -> str:
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster, namespace, tmp_path_factory):
-    """The operator under its least-privilege Role; a handler that raised fails the module."""
-    folder = tmp_path_factory.mktemp("operator")
-    process = Operator(
-        service_account_kubeconfig(kube_cluster, namespace, folder), namespace, folder / "log"
-    )
-    process.start()
-    yield process
-    process.stop()
-    log = process.log_tail(100000).splitlines()
-    crashed = [line for line in log if "with an exception" in line]
-    assert not crashed, "handlers raised:\n" + "\n".join(crashed[:10])
+    with operator_under_its_role(
+        kube_cluster, namespace, tmp_path_factory.mktemp("operator")
+    ) as process:
+        yield process
 
 
 @pytest.fixture
