@@ -167,6 +167,14 @@ def problem_of(namespace: str, pods: list[dict[str, Any]]) -> Problem | None:
     return pod_problem(pods, events)
 
 
+def stuck_job_problem(problem: Problem | None) -> Problem | None:
+    """The problem of a running Job's pods that waiting will not mend. A failed pod is not one:
+    the Job retries it or fails itself, and its own verdict says which."""
+    if problem is not None and problem.reason == "ContainerFailed":
+        return None
+    return problem
+
+
 def reconcile_on_pod_problems(
     label: str, kind: str, reconcile: Callable[[dict[str, Any]], None]
 ) -> None:

@@ -25,7 +25,7 @@ import yaml
 
 from kvops.operator import contract, diagnosis, kube, llmdeployment
 from kvops.operator.api import API_VERSION, LLMDeploymentSpec, PromptVersionSpec
-from kvops.operator.metrics import measured
+from kvops.operator.metrics import RESOURCE_STATUS, measured
 from kvops.operator.pods import restricted_container_security, restricted_pod_security
 from kvops.operator.prompts import (
     PromptLabels,
@@ -338,9 +338,8 @@ def run_evaluation(
     assert isinstance(outcome, str)
     if state == "failed":
         return (False, "EvaluationFailed", outcome), None
-    problem = diagnosis.problem_of(namespace, pods)
-    # A failed pod is not stuck: the Job retries it, and its last failure ends the Job.
-    if problem is not None and problem.reason != "ContainerFailed":
+    problem = diagnosis.stuck_job_problem(diagnosis.problem_of(namespace, pods))
+    if problem is not None:
         return (False, "EvaluationStuck", f"{outcome}: {problem.reason}: {problem.message}"), None
     return (False, "EvaluationRunning", f"{outcome} against LLMDeployment {target}"), None
 
@@ -458,6 +457,7 @@ def on_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def on_deleted(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """A deleted version may have held a label: the others' status and the deployments follow."""
     if event["type"] == "DELETED":
+        RESOURCE_STATUS.forget(kube.plain(body))
         namespace, prompt = body["metadata"]["namespace"], body["spec"]["promptName"]
         with prompt_lock(namespace, prompt):
             publish_labels(namespace, prompt, force_refresh=True)

@@ -597,6 +597,8 @@ def converge(
     problem = diagnosis.problem_of(namespace, [p for p in pods if _current_pod(p, wanted)])
     if job is not None and job_condition(job, "Failed") is not None:
         problem = build_failure(job, problem)
+    else:
+        problem = diagnosis.stuck_job_problem(problem)
     return job, serving, applied.get("Deployment"), problem
 
 
