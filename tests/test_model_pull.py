@@ -16,7 +16,7 @@ from hub_server import HubServer
 from model_folder import write_smollm2_folder
 from serve_process import ServeProcess, engine_answer
 
-from kvops.worker.models.cache import MARKER
+from kvops.worker.models.cache import MARKER, boot_id
 from kvops.worker.models.fetch import CHUNK
 from kvops.worker.models.hf import BLOCK
 from kvops.worker.models.sources import ModelSourceError, parse_source
@@ -254,6 +254,41 @@ def test_corrupted_files_are_detected_and_fetched_again(fresh_hub, smollm2_folde
     fresh_hub.state.corrupt["config.json"] = 2
     _, err = pull("hf://org/smollm2", tmp_path / "other", hub=fresh_hub, expect=2)
     assert "kvops: error: checksum mismatch: config.json is git-sha1" in err
+
+
+def test_a_pull_is_settled_in_its_boot_and_checked_after_a_crash(fresh_hub, smollm2_folder, tmp_path):
+    """A pull does not wait for the disk; its marker names the boot (cache.py). The next pull in
+    that boot fsyncs and settles it; after a reboot the files are checked first."""
+    result, _ = pull("hf://org/smollm2", tmp_path, hub=fresh_hub)
+    path = Path(result["path"])
+    marker = json.loads((path / MARKER).read_text())
+    assert marker["unsynced_boot"] == boot_id()
+    assert all(f["digest"] for f in marker["files"])
+    pinned = f"hf://org/smollm2@{fresh_hub.commit}"
+    pull(pinned, tmp_path, hub=fresh_hub)
+    assert "unsynced_boot" not in json.loads((path / MARKER).read_text())
+
+    # The machine went down before the write-back: the weights' last page never reached the disk.
+    marker["unsynced_boot"] = "a-boot-before-a-crash"
+    (path / MARKER).write_text(json.dumps(marker))
+    with open(path / WEIGHTS, "r+b") as weights:
+        weights.seek(-100, os.SEEK_END)
+        weights.write(bytes(100))
+    fresh_hub.clear_log()
+    again, err = pull(pinned, tmp_path, hub=fresh_hub)
+    assert f"corrupted in the cache, fetching again: ['{WEIGHTS}']" in err
+    assert {s.file for s in fresh_hub.served()} == {WEIGHTS}
+    assert (path / WEIGHTS).read_bytes() == (smollm2_folder / WEIGHTS).read_bytes()
+    assert again["downloaded"] == (path / WEIGHTS).stat().st_size
+
+    # Intact files written in an earlier boot: checked, settled, nothing fetched.
+    marker = json.loads((path / MARKER).read_text())
+    marker["unsynced_boot"] = "a-boot-before-a-clean-reboot"
+    (path / MARKER).write_text(json.dumps(marker))
+    fresh_hub.clear_log()
+    settled, _ = pull(pinned, tmp_path, hub=fresh_hub)
+    assert settled["downloaded"] == 0 and fresh_hub.served() == []
+    assert "unsynced_boot" not in json.loads((path / MARKER).read_text())
 
 
 def test_two_concurrent_pulls_make_one_cache_and_one_download(fresh_hub, smollm2_folder, tmp_path):

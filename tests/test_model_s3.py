@@ -3,6 +3,7 @@ from the standard AWS variables, the same files and answers as the local folder,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -64,6 +65,11 @@ def test_pull_from_s3_copies_the_model_files_once(s3, smollm2_folder, tmp_path):
     assert {p.name for p in path.iterdir()} == KEPT | {MARKER}
     for name in KEPT:
         assert (path / name).read_bytes() == (smollm2_folder / name).read_bytes(), name
+    # The weights go up in parts (their ETag is no MD5): the pull hashes them for the marker.
+    recorded = {f["name"]: f["digest"] for f in json.loads((path / MARKER).read_text())["files"]}
+    weights = hashlib.sha256((smollm2_folder / "model.safetensors").read_bytes()).hexdigest()
+    assert recorded["model.safetensors"] == ["sha256", weights]
+    assert all(recorded.values())
     again = kvops("model", "pull", "s3://models/smollm2/", "--cache", str(tmp_path), env=s3.env)
     assert json.loads(again.stdout.strip().splitlines()[-1])["downloaded"] == 0
     assert json.loads(again.stdout.strip().splitlines()[-1])["path"] == result["path"]

@@ -6,7 +6,8 @@ so a pull that is killed resumes with the chunks it lacks, and a range interrupt
 retried from the byte where it stopped. The checksum is computed while the download runs (each
 chunk as soon as those before it are written, read back from the page cache), so a complete file
 is verified at once and renamed into place; a file that fails verification is fetched once more
-before the pull gives up.
+before the pull gives up. A file whose source publishes no checksum gets a sha256 all the same:
+the cache's marker records it (cache.py: a later boot checks the files against it).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class _OpenFile:
         self.resumed_bytes = remote.size - sum(_chunk_len(remote.size, i) for i in self.missing)
         self.lock = threading.Lock()
         self.done = done
-        self.hash = new_hash(remote.digest[0], remote.size) if remote.digest else None
+        self.algorithm = remote.digest[0] if remote.digest else "sha256"
+        self.hash = new_hash(self.algorithm, remote.size)
         self.hashed = 0  # chunks [0, hashed) are in self.hash
         self.hash_lock = threading.Lock()
 
@@ -92,7 +94,7 @@ class _OpenFile:
     def hash_written(self, wait: bool) -> None:
         """Feed the hash the written chunks that follow those it has seen. One thread hashes at a
         time; the others go back to fetching (`wait`: finish the file's hash now)."""
-        if self.hash is None or not self.hash_lock.acquire(blocking=wait):
+        if not self.hash_lock.acquire(blocking=wait):
             return
         try:
             while True:
@@ -116,12 +118,14 @@ class _OpenFile:
         size = os.fstat(self.fd).st_size
         if size != self.remote.size:
             return f"{size} bytes, expected {self.remote.size}"
-        if self.hash is None or self.remote.digest is None:
-            return None
         self.hash_written(wait=True)
-        algorithm, expected = self.remote.digest
         actual = self.hash.hexdigest()
-        return None if actual == expected else f"{algorithm} {actual}, expected {expected}"
+        if self.remote.digest is None or actual == self.remote.digest[1]:
+            return None
+        return f"{self.algorithm} {actual}, expected {self.remote.digest[1]}"
+
+    def digest(self) -> tuple[str, str]:
+        return self.algorithm, self.hash.hexdigest()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -129,15 +133,17 @@ class _OpenFile:
 
 def fetch_all(
     reader: RangeReader, entry: CacheEntry, files: list[RemoteFile], progress: Progress
-) -> None:
-    """Fetch every file of `files` the partial entry lacks, verified; raise ModelSourceError."""
+) -> dict[str, tuple[str, str]]:
+    """Fetch every file of `files` the partial entry lacks, verified; raise ModelSourceError.
+    Returns the digest of each file fetched: {name: (algorithm, hex)}."""
+    digests: dict[str, tuple[str, str]] = {}
     for attempt in range(2):
         pending = [f for f in files if not entry.has_verified(f.name)]
         if not pending:
-            return
-        failed = _fetch_round(reader, entry, pending, progress)
+            return digests
+        failed = _fetch_round(reader, entry, pending, progress, digests)
         if not failed:
-            return
+            return digests
         if attempt == 0:
             for name, why in failed.items():
                 logger.warning("%s failed verification (%s); fetching it again", name, why)
@@ -146,17 +152,22 @@ def fetch_all(
 
 
 def _fetch_round(
-    reader: RangeReader, entry: CacheEntry, files: list[RemoteFile], progress: Progress
+    reader: RangeReader,
+    entry: CacheEntry,
+    files: list[RemoteFile],
+    progress: Progress,
+    digests: dict[str, tuple[str, str]],
 ) -> dict[str, str]:
-    """One pass over `files`; returns {name: what differs} for those that failed verification."""
+    """One pass over `files`; returns {name: what differs} for those that failed verification
+    and adds the digests of those that passed to `digests`."""
     opened = [_OpenFile(entry, remote) for remote in files]
     failed: dict[str, str] = {}
     stop = threading.Event()
 
     def finish(file: _OpenFile) -> None:
-        os.fsync(file.fd)
         problem = file.problem()
         if problem is None:
+            digests[file.remote.name] = file.digest()
             os.replace(file.temp, file.final)
             _remove(file.chunk_log)
         else:

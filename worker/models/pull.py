@@ -8,6 +8,7 @@ result.revision   # the commit hash (hf), the listing digest (s3)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from kvops.worker.models.cache import (
     RemoteFile,
     default_cache_dir,
     ensure_free_space,
+    file_digest,
     is_disk_full,
 )
 from kvops.worker.models.fetch import fetch_all
@@ -69,14 +71,17 @@ def pull(
         return _in_place(source, start)
     pinned = _pinned_complete_entry(source, cache_dir)
     if pinned is not None and not verify:  # a commit already cached: no network at all
-        return _result(source, pinned, pinned.marker()["revision"], start, 0)
+        with pinned.locked():
+            damaged = pinned.settle()
+        if not damaged:
+            return _result(source, pinned, pinned.marker()["revision"], start, 0)
     remote = _remote(source)
     revision, files = _manifest(remote, source)
     entry = CacheEntry(cache_dir, source.cache_key, revision)
     downloaded = 0
     with entry.locked():
-        if entry.is_complete() and verify:
-            bad = entry.corrupted_files(files)
+        if entry.is_complete():
+            bad = entry.corrupted_files(files) if verify else entry.settle()
             if bad:
                 logger.warning("%s: corrupted in the cache, fetching again: %s", source, bad)
                 entry.reopen()
@@ -88,10 +93,11 @@ def pull(
             try:
                 ensure_free_space(entry.group, total - _bytes_on_disk(entry, pending))
                 with Progress(str(source), total, progress_interval, out) as progress:
-                    fetch_all(remote, entry, files, progress)
+                    digests = fetch_all(remote, entry, files, progress)
                 print(progress.line(), file=progress.out, flush=True)
                 downloaded = progress.done - progress.resumed
-                entry.finish(files, {"source": str(source), "revision": revision})
+                recorded = [_with_digest(entry, f, digests) for f in files]
+                entry.finish(recorded, {"source": str(source), "revision": revision})
             except OSError as error:
                 if is_disk_full(error):
                     raise ModelSourceError(
@@ -147,6 +153,19 @@ def _pinned_complete_entry(source: ModelSource, cache_dir: str) -> CacheEntry | 
         return None
     entry = CacheEntry(cache_dir, source.cache_key, source.revision)
     return entry if entry.is_complete() else None
+
+
+def _with_digest(
+    entry: CacheEntry, remote: RemoteFile, fetched: dict[str, tuple[str, str]]
+) -> RemoteFile:
+    """The file as the marker records it: with the source's checksum, else the one computed
+    while fetching it, else (verified by an earlier, interrupted pull) its sha256 now."""
+    if remote.digest is not None:
+        return remote
+    digest = fetched.get(remote.name)
+    if digest is None:
+        digest = ("sha256", file_digest(entry.partial_path(remote.name), "sha256"))
+    return dataclasses.replace(remote, digest=digest)
 
 
 def _bytes_on_disk(entry: CacheEntry, files: list[RemoteFile]) -> int:
