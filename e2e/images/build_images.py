@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ IMAGES = {
 # CA certificates the build's pip and apt trust: the host's, mounted over the image's bundle
 # during RUN steps only (behind a TLS-inspecting proxy the image's own bundle is not enough).
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+PRUNE_AT = 0.7  # of the disk holding the cache: see prune_when_disk_fills
 
 
 def log(message: str) -> None:
@@ -204,6 +206,17 @@ def write_archive(buildah: Buildah, reference: str, archive: Path) -> None:
         partial.rename(archive)
 
 
+def prune_when_disk_fills(buildah: Buildah) -> None:
+    """Drop buildah's untagged images (superseded builds and the --layers cache, ~5 GB a rebuild)
+    once the disk is PRUNE_AT full: the kubelet's image GC starts at 85% and would delete the
+    images a test cluster just imported. Keeping the layer cache otherwise saves rebuild time."""
+    usage = shutil.disk_usage(CACHE)
+    full = usage.used / (usage.used + usage.free)  # as df and the kubelet count it
+    if full >= PRUNE_AT:
+        log(f"disk {full:.0%} full: pruning buildah's untagged images")
+        buildah("rmi", "--prune", stdout=subprocess.DEVNULL)
+
+
 def build_images(names: list[str] | None = None) -> dict[str, Path]:
     """Build (or reuse) the images; returns image reference -> OCI archive."""
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -231,6 +244,7 @@ def build_images(names: list[str] | None = None) -> dict[str, Path]:
                 if stale != archive:
                     stale.unlink()
             log(f"{reference}: built in {time.monotonic() - started:.0f} s")
+            prune_when_disk_fills(buildah)
         log(f"{reference}: {archive} ({archive.stat().st_size / 2**20:.0f} MiB)")
         archives[reference] = archive
     # image reference -> archive, for tools that do not import this module; kept across runs
