@@ -101,6 +101,31 @@ def test_the_example_answers_through_its_service_streaming_and_not(kube, smollm2
     assert "kvops_kv_cache_usage_ratio" in metrics
 
 
+def test_the_example_prompt_version_is_evaluated_by_a_real_job_pod(kube, smollm2):
+    """examples/promptversion.yaml evaluates itself against the example (`evaluation.
+    llmDeployment: smollm2`): the operator's Job runs `kvops eval` in a real pod against the
+    worker's Service, and the gate lets the version hold its label once it passed."""
+    prompt = yaml.safe_load((ROOT / "examples" / "promptversion.yaml").read_text())
+    assert prompt["spec"]["evaluation"]["llmDeployment"] == smollm2
+    kube.apply(prompt)
+    name = prompt["metadata"]["name"]
+    try:
+
+        def evaluated():
+            return kube.status("pver", name).get("lastEvaluation")
+
+        result = kube.wait(f"pver/{name} evaluated", evaluated, WORKER_READY_S)
+        cases = len(prompt["spec"]["evaluation"]["dataset"])
+        assert (result["target"], result["passed"], result["failed"]) == (smollm2, cases, 0), result
+        assert result["passRate"] == 1.0 and result["job"]
+        kube.wait(
+            f"pver/{name} to hold production",
+            lambda: kube.status("pver", name).get("heldLabels") == ["production"],
+        )
+    finally:
+        kube("delete", "pver", name, "--ignore-not-found", "--wait=false")
+
+
 def test_a_spec_change_rolls_the_pod_and_the_new_one_answers(kube, smollm2):
     [old] = worker_pods(kube, smollm2)
     changed = example(smollm2)
