@@ -256,7 +256,9 @@ def test_corrupted_files_are_detected_and_fetched_again(fresh_hub, smollm2_folde
     assert "kvops: error: checksum mismatch: config.json is git-sha1" in err
 
 
-def test_a_pull_is_settled_in_its_boot_and_checked_after_a_crash(fresh_hub, smollm2_folder, tmp_path):
+def test_a_pull_is_settled_in_its_boot_and_checked_after_a_crash(
+    fresh_hub, smollm2_folder, tmp_path
+):
     """A pull does not wait for the disk; its marker names the boot (cache.py). The next pull in
     that boot fsyncs and settles it; after a reboot the files are checked first."""
     result, _ = pull("hf://org/smollm2", tmp_path, hub=fresh_hub)
