@@ -76,6 +76,7 @@ class _OpenFile:
         self.algorithm = remote.digest[0] if remote.digest else "sha256"
         self.hash = new_hash(self.algorithm, remote.size)
         self.hashed = 0  # chunks [0, hashed) are in self.hash
+        self.read_buffer = memoryview(bytearray(min(CHUNK, remote.size)))
         self.hash_lock = threading.Lock()
 
     def chunk_done(self, index: int) -> bool:
@@ -104,11 +105,12 @@ class _OpenFile:
                 index = self.hashed
                 offset, end = index * CHUNK, index * CHUNK + _chunk_len(self.remote.size, index)
                 while offset < end:
-                    block = os.pread(self.fd, min(8 << 20, end - offset), offset)
-                    if not block:
+                    # Into one reused buffer: a fresh 8 MiB object per read costs page faults.
+                    read = os.preadv(self.fd, [self.read_buffer[: end - offset]], offset)
+                    if not read:
                         raise OSError(f"{self.temp}: shorter than its chunk log says")
-                    self.hash.update(block)
-                    offset += len(block)
+                    self.hash.update(self.read_buffer[:read])
+                    offset += read
                 self.hashed += 1
         finally:
             self.hash_lock.release()
