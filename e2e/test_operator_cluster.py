@@ -543,15 +543,15 @@ def warning_events(kube: Kube, kind: str, name: str) -> str:
 
 
 def test_model_settings_the_worker_cannot_honour_are_refused_with_a_condition(kube):
-    # Quantized execution is not in this release (issue 15): refused, not silently ignored.
-    obj = llmd("quantized")
-    obj["spec"]["model"]["quantization"] = "q4_0"
+    # The worker tells the format from the files: another one is refused, not silently ignored.
+    obj = llmd("formatted")
+    obj["spec"]["model"]["format"] = "safetensors"
     kube.apply(obj)
-    condition = degraded(kube, "llmd", "quantized", "UnsupportedQuantization")
-    assert "set quantization none" in condition["message"]
-    assert kube.status("llmd", "quantized")["phase"] == "Degraded"
-    assert kube.get("deployment", "quantized") is None  # nothing that would crash-loop
-    assert "UnsupportedQuantization" in warning_events(kube, "LLMDeployment", "quantized")
+    condition = degraded(kube, "llmd", "formatted", "UnsupportedFormat")
+    assert "set format auto" in condition["message"]
+    assert kube.status("llmd", "formatted")["phase"] == "Degraded"
+    assert kube.get("deployment", "formatted") is None  # nothing that would crash-loop
+    assert "UnsupportedFormat" in warning_events(kube, "LLMDeployment", "formatted")
 
 
 def test_a_child_the_api_server_refuses_ends_in_degraded_and_one_warning(kube):

@@ -136,8 +136,12 @@ class ModelSource(Spec):
         "auto", description="This release tells the format from the files: other values are refused"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    quantization: Literal["none", "q8_0", "q4_0"] = Field(
-        "none", description="This release runs weights in dtype: other values are refused"
+    quantization: Literal["none", "q8_0", "q4_0", "q4_1", "int8"] = Field(
+        "none",
+        description="Weight format (the worker's --quantization): none runs weights in dtype; a "
+        "GGUF file's own block format keeps its weights quantized; a safetensors model is "
+        "quantized at load to any of them. A format the file cannot give stops the worker with "
+        "an error naming both",
     )
     served_name: str | None = Field(
         None, max_length=253, description="The model name clients send; the resource's by default"
@@ -203,6 +207,24 @@ class Toleration(Spec):
         return self
 
 
+# The forms of autoscaling.target, per metric: a count of waiting requests per pod, or a fraction
+# of the KV cache as a percentage ("80%") or a ratio ("0.8"). One pattern each, shared by the CEL
+# rules and their pydantic mirrors.
+QUEUE_TARGET_PATTERN = r"^[1-9][0-9]{0,3}$"
+KV_TARGET_PATTERN = r"^(([1-9][0-9]?|100)%|0?\.[0-9]{0,2}[1-9]|1(\.0{1,3})?)$"
+QUEUE_TARGET_MESSAGE = (
+    "for metric queueDepth, target is a count of waiting requests per pod from 1 to 9999, such as 4"
+)
+KV_TARGET_MESSAGE = (
+    "for metric kvCacheUsage, target is a fraction of the KV cache: a percentage such as '80%' "
+    "or a ratio such as '0.8' (a quoted string)"
+)
+SCALE_TO_ZERO_MESSAGE = (
+    "minReplicas 0 (scale to zero) needs provider KEDA: an HPA never scales to zero, and kvops "
+    "has no activator of its own (docs/architecture.md, Autoscaling)"
+)
+
+
 class Autoscaling(Spec):
     model_config = ConfigDict(
         json_schema_extra={
@@ -211,25 +233,71 @@ class Autoscaling(Spec):
                     "rule": "self.minReplicas <= self.maxReplicas",
                     "message": "minReplicas must not exceed maxReplicas",
                     "fieldPath": ".minReplicas",
-                }
+                },
+                {
+                    "rule": "self.minReplicas >= 1 || self.provider == 'KEDA'",
+                    "message": SCALE_TO_ZERO_MESSAGE,
+                    "fieldPath": ".minReplicas",
+                },
+                {
+                    "rule": "self.metric != 'queueDepth' || !has(self.target) || "
+                    "(type(self.target) == int ? self.target >= 1 && self.target <= 9999 : "
+                    f"string(self.target).matches(r'{QUEUE_TARGET_PATTERN}'))",
+                    "message": QUEUE_TARGET_MESSAGE,
+                    "fieldPath": ".target",
+                },
+                {
+                    "rule": "self.metric != 'kvCacheUsage' || !has(self.target) || "
+                    "(type(self.target) == string && "
+                    f"string(self.target).matches(r'{KV_TARGET_PATTERN}'))",
+                    "message": KV_TARGET_MESSAGE,
+                    "fieldPath": ".target",
+                },
             ]
         }
     )
 
-    min_replicas: int = Field(1, ge=1, le=1000)
+    min_replicas: int = Field(
+        1, ge=0, le=1000, description="0 (scale to zero) only with provider KEDA"
+    )
     max_replicas: int = Field(ge=1, le=1000)
     metric: Literal["queueDepth", "kvCacheUsage"] = "queueDepth"
-    target: int | str = Field(
-        8,
-        description="Average per pod: waiting requests for queueDepth, a percentage such as "
-        "'80%' for kvCacheUsage",
-        json_schema_extra={"pattern": r"^[0-9]+%?$"},
+    target: int | str | None = Field(
+        None,
+        description="Average per pod: for queueDepth a count of waiting requests (default 8), "
+        "for kvCacheUsage a percentage such as '80%' or a ratio such as '0.8' (default '80%')",
+        json_schema_extra={"maxLength": 8},
+    )
+    provider: Literal["HPA", "KEDA"] = Field(
+        "HPA",
+        description="HPA: a HorizontalPodAutoscaler reading the worker gauges through "
+        "custom.metrics.k8s.io (prometheus-adapter); KEDA: a keda.sh ScaledObject querying "
+        "Prometheus, which allows minReplicas 0",
+    )
+    scale_down_stabilization_seconds: int = Field(
+        300,
+        ge=0,
+        le=3600,
+        description="How long the metric must stay low before replicas are removed",
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> Autoscaling:
+    def _consistent(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        if self.min_replicas == 0 and self.provider != "KEDA":
+            raise ValueError(f"autoscaling: {SCALE_TO_ZERO_MESSAGE}")
+        if self.target is None:
+            return self
+        if self.metric == "queueDepth" and not (
+            (type(self.target) is int and 1 <= self.target <= 9999)
+            or (isinstance(self.target, str) and re.match(QUEUE_TARGET_PATTERN, self.target))
+        ):
+            raise ValueError(f"autoscaling.target {self.target!r}: {QUEUE_TARGET_MESSAGE}")
+        if self.metric == "kvCacheUsage" and not (
+            isinstance(self.target, str) and re.match(KV_TARGET_PATTERN, self.target)
+        ):
+            raise ValueError(f"autoscaling.target {self.target!r}: {KV_TARGET_MESSAGE}")
         return self
 
 

@@ -11,12 +11,13 @@ import contextlib
 import datetime
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
 
-from kvops.operator.metrics import measured
+from kvops.operator.metrics import RESOURCE_STATUS, measured
 
 FIELD_MANAGER = "kvops-operator"
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
@@ -149,6 +150,27 @@ def _resource(api_version: str, kind: str) -> Any:
         return _resources[api_version, kind]
 
 
+# When an optional kind (KEDA's ScaledObject) was last found missing: every look-up of a kind the
+# cluster lacks re-reads API discovery, so a missing one is looked up again only after a while.
+_absent_kinds: dict[tuple[str, str], float] = {}
+ABSENT_KIND_RECHECK_S = 300.0
+
+
+def kind_served(api_version: str, kind: str) -> bool:
+    """Whether the API server serves this kind (an add-on such as KEDA may be missing)."""
+    from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+    missing_since = _absent_kinds.get((api_version, kind))
+    if missing_since is not None and time.monotonic() - missing_since < ABSENT_KIND_RECHECK_S:
+        return False
+    try:
+        _resource(api_version, kind)
+    except ResourceNotFoundError:
+        _absent_kinds[api_version, kind] = time.monotonic()
+        return False
+    return True
+
+
 class ChildRefused(Exception):
     """The API server refused a child as invalid or forbidden: retrying the same object cannot
     succeed, so the owner's status must say why."""
@@ -246,10 +268,14 @@ def patch_status(obj: dict[str, Any], status: dict[str, Any]) -> None:
     resource = _resource(obj["apiVersion"], obj["kind"])
     metadata = obj["metadata"]
     path = resource.path(name=metadata["name"], namespace=metadata["namespace"]) + "/status"
-    with contextlib.suppress(NotFoundError):
+    try:
         _dynamic().request(
             "patch", path, body={"status": status}, content_type="application/merge-patch+json"
         )
+    except NotFoundError:
+        RESOURCE_STATUS.forget(obj)
+    else:
+        RESOURCE_STATUS.observe(obj, status)
 
 
 @contextlib.contextmanager
@@ -258,6 +284,7 @@ def reconciling(obj: dict[str, Any], kind: str) -> Iterator[dict[str, Any] | Non
     once it is gone or being deleted, and count and time the reconcile."""
     with exclusive(obj) as current:
         if current is None or current["metadata"].get("deletionTimestamp"):
+            RESOURCE_STATUS.forget(obj)
             yield None
             return
         with measured(kind):

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from kvops.operator import contract, diagnosis, kube, modelcache
+from kvops.operator import autoscaling, contract, diagnosis, kube, modelcache
 from kvops.operator.api import API_VERSION, LLMDeploymentSpec, name_problem
 from kvops.operator.diagnosis import Problem
 from kvops.operator.pods import (
@@ -93,6 +93,8 @@ def engine_arguments(name: str, spec: LLMDeploymentSpec) -> list[str]:
         spec.model.dtype,
         "--device",
         "cuda" if spec.gpus else "cpu",
+        "--quantization",
+        spec.model.quantization,
         "--http-port",
         str(HTTP_PORT),
         "--grpc-port",
@@ -352,46 +354,6 @@ def render_disruption_budget(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Per-pod gauges the worker exports (kvops.worker.serve.telemetry), served to the autoscaler by
-# a custom-metrics adapter such as prometheus-adapter.
-AUTOSCALING_METRICS = {
-    "queueDepth": "kvops_num_requests_waiting",
-    "kvCacheUsage": "kvops_kv_cache_usage_ratio",
-}
-
-
-def render_autoscaler(owner: dict[str, Any], spec: LLMDeploymentSpec) -> dict[str, Any]:
-    """An HPA that scales the LLMDeployment itself (through its scale subresource)."""
-    autoscaling = spec.autoscaling
-    assert autoscaling is not None
-    target = str(autoscaling.target)
-    if target.endswith("%"):  # a fraction of the KV cache, as a Kubernetes quantity
-        target = f"{int(target[:-1]) * 10}m"
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": metadata(owner, owner["metadata"]["name"]),
-        "spec": {
-            "scaleTargetRef": {
-                "apiVersion": API_VERSION,
-                "kind": "LLMDeployment",
-                "name": owner["metadata"]["name"],
-            },
-            "minReplicas": autoscaling.min_replicas,
-            "maxReplicas": autoscaling.max_replicas,
-            "metrics": [
-                {
-                    "type": "Pods",
-                    "pods": {
-                        "metric": {"name": AUTOSCALING_METRICS[autoscaling.metric]},
-                        "target": {"type": "AverageValue", "averageValue": target},
-                    },
-                }
-            ],
-        },
-    }
-
-
 def render_model_children(
     owner: dict[str, Any], spec: LLMDeploymentSpec, pinned: str
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
@@ -446,10 +408,11 @@ def render(
         apply.append(render_prompts_config_map(owner, spec, versions))
     else:
         delete.append(("v1", "ConfigMap", f"{name}-prompts"))
-    if spec.autoscaling:
-        apply.append(render_autoscaler(owner, spec))
-    else:
-        delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
+    autoscalers, stale_autoscalers = autoscaling.render_autoscaler(
+        metadata(owner, name), spec.autoscaling
+    )
+    apply += autoscalers
+    delete += [(api_version, kind, name) for api_version, kind in stale_autoscalers]
     return apply, delete
 
 
@@ -561,12 +524,6 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
         spec = LLMDeploymentSpec.model_validate(body["spec"])
     except ValueError as error:
         return None, Problem("InvalidSpec", str(error))
-    if spec.model.quantization != "none":
-        return spec, Problem(
-            "UnsupportedQuantization",
-            f"model.quantization {spec.model.quantization}: this kvops worker runs weights in "
-            "model.dtype only; set quantization none",
-        )
     if spec.model.format != "auto":
         return spec, Problem(
             "UnsupportedFormat",
@@ -574,6 +531,26 @@ def spec_problem(body: dict[str, Any]) -> tuple[LLMDeploymentSpec | None, Proble
             "(config.json with *.safetensors, or a .gguf file); set format auto",
         )
     return spec, None
+
+
+def keda_problem(spec: LLMDeploymentSpec) -> Problem | None:
+    if (
+        spec.autoscaling is None
+        or spec.autoscaling.provider != "KEDA"
+        or kube.kind_served(*autoscaling.KEDA_API)
+    ):
+        return None
+    return Problem(
+        "KedaNotInstalled",
+        "autoscaling.provider KEDA: this cluster serves no keda.sh ScaledObject; install KEDA, "
+        "or use provider HPA (prometheus-adapter)",
+    )
+
+
+def child_kind_served(child: tuple[str, str, str]) -> bool:
+    """Stale children of an add-on's kind cannot exist where the add-on is missing."""
+    api_version, kind, _ = child
+    return (api_version, kind) != autoscaling.KEDA_API or kube.kind_served(api_version, kind)
 
 
 # ---------------------------------------------------------------------------------------- handlers
@@ -612,6 +589,8 @@ def reconcile(body: dict[str, Any]) -> None:
             problem_text = contract.children_problem(children)
             if problem_text is not None:
                 problem = Problem("UnsupportedCommand", problem_text)
+            problem = problem or keda_problem(spec)
+            stale = [child for child in stale if child_kind_served(child)]
         if spec is not None and problem is None:
             try:
                 applied = {child["kind"]: kube.apply(child) for child in children}

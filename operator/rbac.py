@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvops.operator.api import GROUP, OPERATOR_IMAGE, RESOURCES
+from kvops.operator.autoscaling import DEFAULT_PROMETHEUS_URL
 from kvops.operator.kube import FIELD_MANAGER
 from kvops.operator.pods import restricted_container_security, restricted_pod_security
 
@@ -46,6 +47,8 @@ def rules(clusterwide: bool) -> list[dict[str, Any]]:
             "resources": ["horizontalpodautoscalers"],
             "verbs": [*APPLY, "delete"],
         },
+        # autoscaling.provider KEDA: a ScaledObject instead of the HPA (where KEDA is installed).
+        {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": [*APPLY, "delete"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*APPLY, "delete"]},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
@@ -128,6 +131,7 @@ def operator_deployment(namespace: str, clusterwide: bool, image: str) -> dict[s
             {"name": "liveness", "containerPort": LIVENESS_PORT},
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
+        "env": [{"name": "KVOPS_PROMETHEUS_URL", "value": DEFAULT_PROMETHEUS_URL}],
         "livenessProbe": probe,
         "resources": {
             "requests": {"cpu": "100m", "memory": "256Mi"},

@@ -145,8 +145,8 @@ def test_bad_names_are_refused_before_any_apply():
 
 def test_model_settings_the_worker_does_not_honour_are_refused():
     body = {"metadata": {"name": "chat", "namespace": "team"}, "spec": {"model": {}}}
-    body["spec"]["model"] = {"source": "builtin://smollm2", "quantization": "q4_0"}
-    assert llmdeployment.spec_problem(body)[1].reason == "UnsupportedQuantization"
+    body["spec"]["model"] = {"source": "builtin://smollm2", "quantization": "q4_1"}
+    assert llmdeployment.spec_problem(body)[1] is None  # passed to the worker (issue 15)
     body["spec"]["model"] = {"source": "builtin://smollm2", "format": "safetensors"}
     assert llmdeployment.spec_problem(body)[1].reason == "UnsupportedFormat"
     body["spec"]["model"] = {"source": "pvc://models/llama", "dtype": "float16"}

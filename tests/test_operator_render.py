@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvops.operator import kube, llmdeployment, prompts, promptversion
+from kvops.operator import autoscaling, kube, llmdeployment, prompts, promptversion
 from kvops.operator.api import LLMDeploymentSpec, PromptVersionSpec
 
 
@@ -140,7 +140,7 @@ def test_autoscaler_scales_the_resource_itself():
 def test_autoscaling_metrics_are_what_the_worker_exports():
     from kvops.worker.serve.telemetry import METRIC_NAMES
 
-    assert set(llmdeployment.AUTOSCALING_METRICS.values()) <= set(METRIC_NAMES)
+    assert set(autoscaling.AUTOSCALING_METRICS.values()) <= set(METRIC_NAMES)
 
 
 def test_optional_children_are_deleted_when_no_longer_wanted():

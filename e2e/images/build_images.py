@@ -45,7 +45,7 @@ BASE_RECIPE = {
 }
 # Every file an image is made from, besides its Dockerfile (relative to the repository root).
 SOURCE_FILES = ["pyproject.toml", "README.md", ".dockerignore", "e2e/images/install_deps.py"]
-SOURCE_DIRS = ["worker", "proto", "operator"]
+SOURCE_DIRS = ["worker", "proto", "operator", "observability"]
 IMAGES = {
     "kvops-worker": {
         "dockerfile": "worker/Dockerfile",

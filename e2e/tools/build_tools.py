@@ -32,6 +32,12 @@ CONTAINERD_VERSION = "v2.4.2"
 LOCAL_PATH_PROVISIONER_VERSION = "v0.0.30"
 # The real node's cluster DNS (v1.15 needs Go >= 1.26).
 COREDNS_VERSION = "v1.15.0"
+# Validates the Helm chart's rendered objects against schemas made from the control plane's own
+# OpenAPI (e2e/test_helm_chart.py).
+KUBECONFORM_VERSION = "v0.8.0"
+# Serves the worker pods' Prometheus gauges as custom.metrics.k8s.io to the HPA controller
+# (e2e/test_autoscaling_real_node.py).
+PROMETHEUS_ADAPTER_VERSION = "v0.12.0"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN_DIR = REPO_ROOT / ".tools" / "bin"
@@ -48,6 +54,9 @@ class ToolGroup:
     # version that replaces each locally-replaced sibling module; None: plain `go install`
     sibling_version: str | None = None
     ldflags: list[str] = field(default_factory=list)
+    # Built from a module that requires it rather than by `go install`, which also reads the
+    # module's version list (for deprecations) and fails where the proxy refuses that list.
+    wrapped: bool = False
 
 
 def kubernetes_ldflags(version: str) -> list[str]:
@@ -127,6 +136,17 @@ def tool_groups() -> list[ToolGroup]:
             version=COREDNS_VERSION,
             binaries={"coredns": "github.com/coredns/coredns"},
         ),
+        ToolGroup(
+            module="github.com/yannh/kubeconform",
+            version=KUBECONFORM_VERSION,
+            binaries={"kubeconform": "github.com/yannh/kubeconform/cmd/kubeconform"},
+        ),
+        ToolGroup(
+            module="sigs.k8s.io/prometheus-adapter",
+            version=PROMETHEUS_ADAPTER_VERSION,
+            binaries={"prometheus-adapter": "sigs.k8s.io/prometheus-adapter/cmd/adapter"},
+            wrapped=True,
+        ),
     ]
 
 
@@ -168,7 +188,7 @@ def build_group(group: ToolGroup, cache: Path) -> None:
         out_dir = workdir / "out"
         out_dir.mkdir()
         (workdir / "go.mod").write_text("module kvops.local/tools-wrapper\n")
-        if group.sibling_version is None:
+        if group.sibling_version is None and not group.wrapped:
             for name, package in group.binaries.items():
                 gobin_env = dict(env, GOBIN=str(out_dir))
                 run_go(
@@ -179,9 +199,12 @@ def build_group(group: ToolGroup, cache: Path) -> None:
                 produced = out_dir / package.rsplit("/", 1)[-1]
                 produced.rename(out_dir / name)
         else:
-            (workdir / "go.mod").write_text(
+            go_mod = (
                 wrapper_go_mod(group, upstream_go_mod(group, workdir, env))
+                if group.sibling_version
+                else f"module kvops.local/tools-wrapper\n\nrequire {group.module} {group.version}\n"
             )
+            (workdir / "go.mod").write_text(go_mod)
             imports = "\n".join(f'\t_ "{package}"' for package in group.binaries.values())
             (workdir / "tools.go").write_text(
                 f"//go:build tools\n\npackage tools\n\nimport (\n{imports}\n)\n"
