@@ -18,6 +18,7 @@ from kvops.observability.render_png import prometheus_range, render
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 QUESTIONS = ["What colour is the sky?", "Name a fruit.", "What is two plus two?"]
+SCRAPES_APART_S = 1.5  # Prometheus scrapes every second (prometheus_process.py)
 
 
 @dataclass
@@ -73,8 +74,11 @@ def run_load(server, prompt: str, versions: tuple[str, ...]) -> Load:
                 client.chat.completions.create(model=model, messages=messages, max_tokens=8)
             sent += 1
     answer_ids = {}
-    for version in versions:
-        for question in QUESTIONS[:2]:
+    for round_ in range(2):
+        if round_:  # the first round's answers made the series; a scrape later they grow
+            time.sleep(SCRAPES_APART_S)
+        for version in versions:
+            question = QUESTIONS[round_]
             reference = {"name": prompt, "version": version, "variables": {"question": question}}
             answer = client.chat.completions.create(
                 model=model, messages=[], max_tokens=8, extra_body={"prompt": reference}
@@ -107,7 +111,7 @@ def load_and_scrape(server, prometheus: PrometheusProcess, selector: str, prompt
     prometheus.wait_for(f"sum(kvops_requests_total{{{selector}}}) >= {load.requests}")
     give_feedback(server, load.answer_ids)
     prometheus.wait_for(f"sum(kvops_feedback_total{{{selector}}}) >= {len(versions)}")
-    time.sleep(1.5)
+    time.sleep(SCRAPES_APART_S)
     give_feedback(server, load.answer_ids)
     prometheus.wait_for(f"sum(kvops_feedback_total{{{selector}}}) >= {2 * len(versions)}")
     return load

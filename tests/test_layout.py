@@ -24,6 +24,8 @@ LAZY_ALLOWED = {
     # A model pull loads only its source's client (huggingface_hub, boto3; torch for builtin://).
     "kvops.worker.models.cli",
     "kvops.worker.models.pull",
+    # Quantized layers load Triton only on CUDA, the C++ extension only on the CPU.
+    "kvops.worker.ops.quant_linear",
 }
 # What the servers (worker/serve/, but the CLI) may import from the rest of the worker.
 # RAG adds the retrieval library's client (search a VectorIndex), embedder (groundedness,
