@@ -1,7 +1,8 @@
 """The CPU fast paths against what they replace, at SmolLM2-135M shapes (float32):
 
 - linear layers: torch's ``F.linear`` (MKL sgemm) against oneDNN with the weight packed once
-  (``worker/ops/cpu_linear.py``), for decode-sized and prefill-sized row counts;
+  (``worker/ops/cpu_linear.py``), for decode-sized and prefill-sized row counts, and the
+  quantized-weight kernel (``worker/ops/csrc/quant_linear_cpu.cpp``) in each format;
 - decode attention of one step over 30 layers: the torch reference (gather + SDPA) against the
   C++ kernel (``worker/ops/csrc/paged_attention_cpu.cpp``), 32 sequences of 32-800 tokens.
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from kvops.worker.ops import attention, cpu_attention
 from kvops.worker.ops.cpu_linear import PackedLinear
+from kvops.worker.ops.quant_formats import FORMATS, quantize
+from kvops.worker.ops.quant_linear import QuantizedLinear, QuantizedTensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from records import write_record  # noqa: E402
@@ -53,6 +56,11 @@ def linear_rows() -> list[dict]:
     for name, out_features, in_features in LINEAR_SHAPES:
         weight = torch.randn(out_features, in_features) / in_features**0.5
         packed = PackedLinear(weight, None)
+        quantized = {}
+        for fmt in FORMATS:
+            data, scale = quantize(weight, fmt)
+            shape = (out_features, in_features)
+            quantized[fmt] = QuantizedLinear(QuantizedTensor(fmt, data, shape, scale))
         for m in ROWS:
             x = torch.randn(m, in_features)
             repeats = max(3, int(2e9 / (2 * m * out_features * in_features)))
@@ -69,6 +77,10 @@ def linear_rows() -> list[dict]:
                     "packed_gflops": round(flops / onednn / 1e9),
                 }
             )
+            assert cpu_attention.extension_available(), "the C++ kernels did not build"
+            for fmt, layer in quantized.items():
+                took = seconds_per_call(lambda x=x, layer=layer: layer(x), repeats)
+                rows[-1][f"{fmt}_us"] = round(took * 1e6, 1)
             print(rows[-1], flush=True)
     return rows
 

@@ -28,7 +28,7 @@ def smollm2_engine():
     from kvops.worker.config import EngineConfig
     from kvops.worker.engine import LLMEngine
 
-    return LLMEngine(EngineConfig())
+    return LLMEngine(EngineConfig(quantization="none"))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,9 @@ if TYPE_CHECKING:
 
 # The dtypes the engine runs in, by torch's own names (torch.float32, ...): the one table of them.
 DTYPES = ("float32", "bfloat16", "float16")
+# Weight formats (`--quantization`): "none" runs float weights in the dtype; the rest are the
+# formats of worker/ops/quant_formats.py. The file's own format when not given.
+QUANTIZATIONS = ("none", "q8_0", "q4_0", "q4_1", "int8")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -155,6 +158,7 @@ class EngineConfig:
     # "auto": Triton kernels on CUDA; on the CPU the C++ decode kernel ("cpu") when it builds,
     # else the torch reference ("torch").
     attention_backend: str = "auto"
+    quantization: str | None = None  # one of QUANTIZATIONS; None: as the model file stores it
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -182,6 +186,10 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
             raise ValueError(
                 "attention_backend must be auto, torch, triton or cpu, "

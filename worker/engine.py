@@ -7,15 +7,24 @@ output processor (worker/output_processor.py) turns its sampled tokens into text
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 from kvops.worker.block_manager import KVCacheManager
 from kvops.worker.config import EngineConfig
 from kvops.worker.model_runner import ModelRunner
 from kvops.worker.output_processor import OutputState, check_stop, make_output
-from kvops.worker.request import EngineStats, Request, RequestOutput, SamplingParams
+from kvops.worker.request import (
+    EngineStats,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    resident_memory_bytes,
+)
 from kvops.worker.scheduler import Scheduler
 from kvops.worker.weights import load_model_weights
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -29,12 +38,16 @@ class LLMEngine:
             config.dtype,
             config.device,
             model_overrides=config.model_overrides,
+            quantization=config.quantization or "auto",
         )
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
-        self.runner = ModelRunner(config, loaded.config, loaded.state_dict, self.max_model_len)
+        self.quantization = loaded.quantization
+        self.runner = ModelRunner(
+            config, loaded.config, loaded.state_dict, self.max_model_len, loaded.quantized
+        )
         del loaded
         capacity = self.runner.num_blocks * config.block_size
         # Every request must fit alone, so that preempting the others always lets it finish.
@@ -53,6 +66,16 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.kv_cache)
+        log.info(
+            "model %s: weights %.1f MiB (quantization %s), KV cache %.1f MiB (%d blocks), "
+            "process resident %.1f MiB",
+            self.model_name,
+            self.runner.weight_bytes / 2**20,
+            self.quantization,
+            self.runner.kv_cache_bytes / 2**20,
+            self.runner.num_blocks,
+            resident_memory_bytes() / 2**20,
+        )
         self._outputs: dict[str, OutputState] = {}
         self._ids = itertools.count()
 
@@ -168,6 +191,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.kv_cache.prefix_cache_queries,
             prefix_cache_hits=self.kv_cache.prefix_cache_hits,
+            weight_bytes=self.runner.weight_bytes,
+            kv_cache_bytes=self.runner.kv_cache_bytes,
+            quantization=self.quantization,
         )
 
     def generate(

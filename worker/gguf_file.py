@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ import torch
 from kvops.worker.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 # metadata value types
@@ -76,12 +78,17 @@ class GGUFTensorInfo:
 
     @property
     def type_name(self) -> str:
-        from gguf import GGMLQuantizationType
+        return ggml_type_name(self.ggml_type)
 
-        try:
-            return GGMLQuantizationType(self.ggml_type).name
-        except ValueError:
-            return f"type {self.ggml_type}"
+
+def ggml_type_name(ggml_type: int) -> str:
+    """ggml's name of a tensor type ("Q4_1"), or "type <n>" for one gguf does not know."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
 
 
 @dataclass
@@ -240,6 +247,13 @@ def gguf_tensor(path: str | np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
 
 
+def gguf_tensor_bytes(blob: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
+    """A matrix's stored bytes, unconverted: uint8 [rows, bytes per row] (quantized blocks are
+    kept as they are, see ops/quant_formats.py)."""
+    raw = np.array(blob[info.offset : info.offset + info.nbytes])  # a copy: the file is a memmap
+    return torch.from_numpy(raw).view(info.shape[0], -1)
+
+
 # Our own versions of the simplest (and most common) block formats, several times faster than
 # gguf's generic code. Each block holds 32 values after its fp16 scale (and minimum).
 
@@ -334,7 +348,7 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_rotary(weight: ArrayT, n_heads: int) -> ArrayT:
     """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves).
 
     In each head llama.cpp stores rows in the order 0, d/2, 1, d/2+1, ...; Hugging Face's layout

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvops.worker.config import ModelConfig
+from kvops.worker.ops.merged_linear import merge_linears
+from kvops.worker.ops.quant_linear import QuantizedEmbedding, QuantizedLinear, QuantizedTensor
 
 
 @dataclass
@@ -42,6 +44,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # One fused op instead of six, with the same float32 results (checked bit for bit
+            # against the lines below in tests/test_decode_fusions.py).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -84,7 +90,7 @@ class RotaryEmbedding(nn.Module):
 
     # Buffers (register_buffer below), declared so that they read as tensors.
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
@@ -93,20 +99,33 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, Hkv, D]
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        # rotate_half(x) * sin == roll(x, D/2) * sin with its first half negated, bit for bit
+        # (negation is exact): one roll instead of two slices, a negation and a cat.
+        half = emb.shape[-1] // 2
+        signed = emb.sin()
+        signed[:, :half].neg_()
+        self.register_buffer("signed_sin", signed, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """The tables of a step's tokens, gathered once for all layers."""
+        return RotaryTables(
+            self.cos[positions].to(dtype).unsqueeze(1),
+            self.signed_sin[positions].to(dtype).unsqueeze(1),
+        )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass
+class RotaryTables:
+    """cos and the half-negated sin of each token of a step: [T, 1, D]."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, D] (queries and keys together), as transformers'
+        ``x * cos + rotate_half(x) * sin``."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, -1) * self.signed_sin
 
 
 class Attention(nn.Module):
@@ -122,20 +141,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # q, k and v stacked into one layer once the weights are loaded (merge_projections).
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        assert self.qkv_proj is not None, "build_model merges the projections"
+        heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(num_tokens, heads + self.num_kv_heads, self.head_dim)
+        qk = rope.apply(qkv[:, :heads])
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, heads:]
         k_cache, v_cache = kv_cache
         self.backend.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
@@ -177,9 +198,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # gate and up stacked into one layer once the weights are loaded (merge_projections).
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        assert self.gate_up_proj is not None, "build_model merges the projections"
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -190,8 +215,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,8 +250,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -239,11 +265,15 @@ def build_model(
     backend,
     max_positions: int,
     device: torch.device,
+    quantized: dict[str, QuantizedTensor] | None = None,
 ) -> CausalLM:
     """Instantiate without allocating random weights, then take the given tensors as they are
-    (``state_dict`` is emptied: its tensors belong to the model)."""
+    (``state_dict`` is emptied: its tensors belong to the model). Weights in `quantized` (by
+    parameter name) replace their layers with quantized ones (ops/quant_linear.py)."""
     with torch.device("meta"):
         model = CausalLM(config, backend, max_positions)
+    quantized = quantized or {}
+    _install_quantized(model, quantized, state_dict)
     # The rotary tables are computed, not loaded: build them for real on the target device.
     model.rotary = RotaryEmbedding(config, max_positions).to(device)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -256,10 +286,48 @@ def build_model(
     if missing:
         raise ValueError(f"weights are missing tensors: {sorted(missing)[:5]}")
     model = model.to(device).eval()
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in quantized:
+        # The head computes on the embedding's quantized matrix.
+        head = QuantizedLinear(quantized["model.embed_tokens.weight"])
+        model.register_module("lm_head", head)
+    elif config.tie_word_embeddings:
         # Tied checkpoints carry no lm_head.weight: the head is a view of the embedding matrix
         # (tied after loading, because load_state_dict(assign=True) would untie it).
         with torch.device("meta"):
             model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         model.lm_head.weight = model.model.embed_tokens.weight
+    merge_projections(model)
     return model
+
+
+def merge_projections(model: CausalLM) -> None:
+    """Stack each layer's q/k/v and gate/up weights into one layer apiece (ops/merged_linear.py:
+    fewer, larger GEMMs per decode step). Loading keeps the checkpoint's separate names."""
+    for layer in model.model.layers:
+        assert isinstance(layer, DecoderLayer)
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up_proj = merge_linears([mlp.gate_proj, mlp.up_proj])
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
+
+def _install_quantized(
+    model: CausalLM, quantized: dict[str, QuantizedTensor], state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Swap the modules whose weight is quantized for their quantized forms (a linear layer's
+    float bias, if any, moves along from `state_dict`)."""
+    for name, weight in quantized.items():
+        path, _, leaf = name.rpartition(".")
+        parent_path, _, child = path.rpartition(".")
+        if leaf != "weight":
+            raise ValueError(f"quantized tensor {name} is not a layer's weight")
+        parent = model.get_submodule(parent_path)
+        module = getattr(parent, child)
+        if isinstance(module, nn.Embedding):
+            # The meta model's dtype is the default one; the float weights carry the real one.
+            dtype = state_dict["model.norm.weight"].dtype
+            setattr(parent, child, QuantizedEmbedding(weight, dtype))
+        elif isinstance(module, nn.Linear):
+            setattr(parent, child, QuantizedLinear(weight, state_dict.pop(path + ".bias", None)))
+        else:
+            raise ValueError(f"quantized tensor {name} belongs to a {type(module).__name__}")

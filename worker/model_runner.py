@@ -14,7 +14,8 @@ import torch
 from kvops.worker.config import EngineConfig, ModelConfig, torch_dtype
 from kvops.worker.model import AttentionMetadata, build_model
 from kvops.worker.ops.attention import get_attention_backend
-from kvops.worker.ops.cpu_linear import pack_linear_layers, packing_available
+from kvops.worker.ops.cpu_linear import PackedLinear, pack_linear_layers, packing_available
+from kvops.worker.ops.quant_linear import QuantizedTensor
 from kvops.worker.request import TokenLogprob
 from kvops.worker.sampler import sample
 from kvops.worker.step import Step, StepRow
@@ -30,6 +31,7 @@ class ModelRunner:
         model_config: ModelConfig,
         state_dict: dict[str, torch.Tensor],
         max_model_len: int,
+        quantized: dict[str, QuantizedTensor] | None = None,
     ):
         self.config = config
         self.model_config = model_config
@@ -37,7 +39,9 @@ class ModelRunner:
         self.dtype = torch_dtype(config.dtype)
         self.block_size = config.block_size
         backend = get_attention_backend(config.attention_backend, self.device)
-        self.model = build_model(model_config, state_dict, backend, max_model_len, self.device)
+        self.model = build_model(
+            model_config, state_dict, backend, max_model_len, self.device, quantized
+        )
         if packing_available(self.device, self.dtype):
             pack_linear_layers(self.model)
         self.num_blocks = self._num_kv_blocks()
@@ -51,8 +55,14 @@ class ModelRunner:
         self.kv_caches = [
             (self._zeros(shape), self._zeros(shape)) for _ in range(model_config.num_hidden_layers)
         ]
+        self.weight_bytes = model_weight_bytes(self.model)
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = random.Random(config.seed)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The cache's size (on the CPU its pages are committed as blocks are first written)."""
+        return self.num_blocks * self.kv_bytes_per_block
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -174,3 +184,18 @@ class ModelRunner:
 
     def _context_lens(self, rows: list[StepRow]) -> torch.Tensor:
         return self._tensor([row.context_len for row in rows], torch.int32)
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as it holds them: parameters and buffers (a tied matrix
+    once), quantized blocks as stored, oneDNN-packed weights as float32."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            total += module.out_features * module.in_features * 4
+    return total

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,19 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    # Memory of the replica: fixed at start, but reported with the rest.
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
+    quantization: str = "none"
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def token_slice(prompt: Sequence[int], outputs: Sequence[int], start: int, end: int) -> list[int]:

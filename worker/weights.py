@@ -20,23 +20,32 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvops.worker.config import ModelConfig, torch_dtype
+from kvops.worker.config import QUANTIZATIONS, ModelConfig, torch_dtype
 from kvops.worker.gguf_file import (
+    GGML_BF16,
+    GGML_F16,
+    GGML_F32,
     GGUF_IGNORED,
+    GGUFFile,
+    ggml_type_name,
     gguf_model_config,
     gguf_tensor,
+    gguf_tensor_bytes,
     gguf_to_hf_name,
     numpy_to_torch,
     read_gguf,
     unpermute_rotary,
 )
+from kvops.worker.ops.quant_formats import GGML_TYPE_FORMATS, quantize
+from kvops.worker.ops.quant_linear import QuantizedTensor, kernel_missing
 from kvops.worker.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,6 +55,10 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DUMMY_PREFIX = "dummy:"
 DUMMY_STD = 0.02
+# The weights a quantized model keeps quantized: linear layers and the token embedding (which
+# the language-model head shares when tied); norms and biases stay float.
+_FLOAT_GGML_TYPES = (GGML_F32, GGML_F16, GGML_BF16)
+_QUANTIZABLE = re.compile(r"(_proj\.weight|embed_tokens\.weight|lm_head\.weight)$")
 
 
 @dataclass
@@ -61,6 +74,9 @@ class LoadedWeights:
     tokenizer: Tokenizer | None
     name: str
     path: str = ""  # the resolved file or folder ("dummy:<preset>" for dummy models)
+    # The weights kept quantized (not in state_dict), by the same names; "none": no such weights.
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    quantization: str = "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,24 +316,65 @@ def load_model_weights(
     device: str | torch.device = "cpu",
     model_overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    quantization: str = "none",
 ) -> LoadedWeights:
     """Load (or make up) a model's weights; see the module docstring.
 
     `model_overrides` replaces ModelConfig fields after the config is read (unknown field ->
     ValueError). For real weights a smaller `num_hidden_layers` keeps only the first layers (handy
     in tests); other shape changes must match the weights. `seed` seeds dummy weights.
+
+    `quantization` (one of QUANTIZATIONS, or "auto": the file's own) picks the weights' format. A
+    GGUF file runs as it is stored (its Q8_0/Q4_0/Q4_1 blocks kept) or dequantized ("none"); a
+    float model (a Hugging Face folder, dummy weights) is quantized at load to any format. A
+    combination the file cannot give, or a device without a kernel for it, is a ValueError
+    raised before any weight is read.
     """
     dtype = _torch_dtype(dtype)
     device = torch.device(device)
+    if quantization != "auto" and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be auto or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+        )
     resolved = resolve_model(model)
     if resolved.startswith(DUMMY_PREFIX):
-        loaded = _load_dummy(resolved, dtype, device, model_overrides, seed)
+        fmt = _float_model_quantization(quantization, device, resolved)
+        loaded = _load_dummy(resolved, dtype, device, model_overrides, seed, fmt)
     elif os.path.isdir(resolved):
-        loaded = _load_hf_folder(resolved, dtype, device, model_overrides)
+        fmt = _float_model_quantization(quantization, device, resolved)
+        loaded = _load_hf_folder(resolved, dtype, device, model_overrides, fmt)
     else:
-        loaded = _load_gguf(resolved, dtype, device, model_overrides)
-    check_state_dict(loaded.config, loaded.state_dict, source=resolved)
+        loaded = _load_gguf(resolved, dtype, device, model_overrides, quantization)
+    check_state_dict(loaded.config, {**loaded.state_dict, **loaded.quantized}, source=resolved)
     return loaded
+
+
+def _check_kernel(fmt: str, device: torch.device, source: str) -> None:
+    if fmt == "none":
+        return
+    missing = kernel_missing(device)
+    if missing:
+        raise ValueError(
+            f"{source}: quantization {fmt} cannot run on device {device.type}: {missing}; "
+            "use --quantization none"
+        )
+
+
+def _float_model_quantization(requested: str, device: torch.device, source: str) -> str:
+    """A float model's format: as stored ("none") unless a quantization is asked for."""
+    fmt = "none" if requested == "auto" else requested
+    _check_kernel(fmt, device, source)
+    return fmt
+
+
+def _quantize_at_load(key: str, tensor: torch.Tensor, fmt: str, source: str) -> QuantizedTensor:
+    if tensor.shape[-1] % 32:
+        raise ValueError(
+            f"{source}: {key} has rows of {tensor.shape[-1]} values, not a multiple of 32: "
+            f"it cannot be quantized to {fmt}; use --quantization none"
+        )
+    data, scale = quantize(tensor, fmt)
+    return QuantizedTensor(fmt, data, (tensor.shape[0], tensor.shape[1]), scale)
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -370,7 +427,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def check_state_dict(
+    config: ModelConfig, state_dict: Mapping[str, torch.Tensor | QuantizedTensor], source: str
+) -> None:
     """Raise ValueError naming the first missing, unexpected or misshapen parameter."""
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in state_dict]
@@ -399,6 +458,7 @@ def _load_dummy(
     device: torch.device,
     overrides: dict[str, Any] | None,
     seed: int,
+    fmt: str = "none",
 ) -> LoadedWeights:
     spec = resolved[len(DUMMY_PREFIX) :]
     if spec in DUMMY_PRESETS:
@@ -410,14 +470,26 @@ def _load_dummy(
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"dummy model config {spec!r} is not a usable config.json: {e}") from e
     config = _apply_overrides(config, overrides)
-    state_dict = dummy_state_dict(config, dtype, device, seed)
-    return LoadedWeights(
+    loaded = LoadedWeights(
         config=config,
-        state_dict=state_dict,
+        state_dict=dummy_state_dict(config, dtype, device, seed),
         tokenizer=_dummy_tokenizer(),
         name=model_name(resolved),
         path=resolved,
     )
+    return quantize_weights(loaded, fmt) if fmt != "none" else loaded
+
+
+def quantize_weights(loaded: LoadedWeights, fmt: str) -> LoadedWeights:
+    """Quantize a float model's linear layers and embedding to `fmt`, in place (the same float
+    weights in several formats: bench/perplexity.py)."""
+    if loaded.quantization != "none":
+        raise ValueError(f"{loaded.path}: the weights are already {loaded.quantization}")
+    for key in [key for key in loaded.state_dict if _QUANTIZABLE.search(key)]:
+        tensor = loaded.state_dict.pop(key)
+        loaded.quantized[key] = _quantize_at_load(key, tensor, fmt, loaded.path)
+    loaded.quantization = fmt
+    return loaded
 
 
 def dummy_state_dict(
@@ -460,7 +532,11 @@ def _dummy_tokenizer() -> Tokenizer | None:
 
 
 def _load_hf_folder(
-    folder: str, dtype: torch.dtype, device: torch.device, overrides: dict[str, Any] | None
+    folder: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    overrides: dict[str, Any] | None,
+    fmt: str = "none",
 ) -> LoadedWeights:
     config_path = os.path.join(folder, "config.json")
     try:
@@ -478,6 +554,7 @@ def _load_hf_folder(
 
     expected = expected_shapes(config)
     state_dict: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
     for file in _hf_weight_files(folder):
         for name, read in _read_checkpoint(file):
             key = _hf_key(name)
@@ -489,7 +566,11 @@ def _load_hf_folder(
                 if _beyond_layers(key, config.num_hidden_layers):
                     continue  # model_overrides cut the layer count
                 raise ValueError(f"{file}: unexpected weight {name}")
-            state_dict[key] = read().to(device=device, dtype=dtype)
+            if fmt != "none" and _QUANTIZABLE.search(key):
+                # Quantized one tensor at a time: the float model is never held whole.
+                quantized[key] = _quantize_at_load(key, read().to(device), fmt, file)
+            else:
+                state_dict[key] = read().to(device=device, dtype=dtype)
 
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
@@ -505,6 +586,8 @@ def _load_hf_folder(
         tokenizer=tokenizer,
         name=model_name(folder),
         path=folder,
+        quantized=quantized,
+        quantization=fmt,
     )
 
 
@@ -585,14 +668,45 @@ def _generation_eos_ids(folder: str) -> list[int]:
     return ids
 
 
+def gguf_quantization(path: str, gguf: GGUFFile, requested: str) -> str:
+    """The format a GGUF file runs in: its own (the block type most of its matrices are stored
+    in) when that is one the kernels take, else "none"; `requested` must be that or "none"."""
+    types = [
+        info.ggml_type
+        for name, info in gguf.tensors.items()
+        if _QUANTIZABLE.search(gguf_to_hf_name(name) or "")
+    ]
+    stored = max(set(types), key=types.count) if types else None
+    if stored in _FLOAT_GGML_TYPES:
+        return "none" if requested == "auto" else requested  # float: quantized at load
+    own = GGML_TYPE_FORMATS[stored].name if stored in GGML_TYPE_FORMATS else None
+    if requested == "auto":
+        return own or "none"
+    if requested not in ("none", own):
+        type_name = ggml_type_name(stored) if stored is not None else "missing"
+        runs_as = f"{own} (as stored) or none" if own else "none (dequantized)"
+        raise ValueError(
+            f"{path}: quantization {requested} cannot be given by this file, whose weights are "
+            f"{type_name}; a quantized GGUF file runs as {runs_as}"
+        )
+    return requested
+
+
 def _load_gguf(
-    path: str, dtype: torch.dtype, device: torch.device, overrides: dict[str, Any] | None
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    overrides: dict[str, Any] | None,
+    requested: str = "none",
 ) -> LoadedWeights:
     gguf = read_gguf(path)
     config = _apply_overrides(gguf_model_config(gguf), overrides)
+    fmt = gguf_quantization(path, gguf, requested)
+    _check_kernel(fmt, device, path)
     permute = gguf.metadata.get("general.architecture") == "llama"
     blob = np.memmap(path, dtype=np.uint8, mode="r")
     state_dict: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
     for name, info in gguf.tensors.items():
         key = gguf_to_hf_name(name)
         if key is None:
@@ -601,11 +715,29 @@ def _load_gguf(
             continue
         if _beyond_layers(key, config.num_hidden_layers):
             continue
-        tensor = gguf_tensor(blob, info)
+        heads = None
         if permute and ".self_attn.q_proj." in key:
-            tensor = unpermute_rotary(tensor, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif permute and ".self_attn.k_proj." in key:
-            tensor = unpermute_rotary(tensor, config.num_key_value_heads)
+            heads = config.num_key_value_heads
+        stored = GGML_TYPE_FORMATS.get(info.ggml_type)
+        if fmt != "none" and stored is not None and _QUANTIZABLE.search(key):
+            # Kept as stored, in any block format the kernels take (SmolLM2's Q4_1 file holds
+            # its embedding in Q8_0). Rows are whole blocks, so the rotary permutation moves
+            # them as they are.
+            blocks = gguf_tensor_bytes(blob, info)
+            if heads is not None:
+                blocks = unpermute_rotary(blocks, heads)
+            quantized[key] = QuantizedTensor(
+                stored.name, blocks.to(device), (info.shape[0], info.shape[1])
+            )
+            continue
+        tensor = gguf_tensor(blob, info)
+        if heads is not None:
+            tensor = unpermute_rotary(tensor, heads)
+        if fmt != "none" and info.ggml_type in _FLOAT_GGML_TYPES and _QUANTIZABLE.search(key):
+            quantized[key] = _quantize_at_load(key, torch.from_numpy(tensor).to(device), fmt, path)
+            continue
         state_dict[key] = numpy_to_torch(tensor, dtype, device)
     del blob
     try:
@@ -619,4 +751,6 @@ def _load_gguf(
         tokenizer=tokenizer,
         name=model_name(path),
         path=path,
+        quantized=quantized,
+        quantization=fmt,
     )

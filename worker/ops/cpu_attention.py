@@ -42,7 +42,12 @@ __all__ = ["extension_available", "paged_decode_attention", "write_kv_cache"]
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+# One extension for all of the CPU kernels: the quantized linear layers
+# (csrc/quant_linear_cpu.cpp, used by quant_linear.py) build, cache and ship with attention.
+_SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name
+    for name in ("paged_attention_cpu.cpp", "quant_linear_cpu.cpp")
+)
 HEAD_DIMS = (64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for (attend_for)
 _MAX_GROUP = 64  # query heads per kv head the kernel takes
 PREBUILT_ENV = "KVOPS_PREBUILT_KERNELS"  # a folder of kernels built by `--build`
@@ -79,7 +84,7 @@ def extension_available() -> bool:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             # -march=native: the build is local to the machine (and cache) that runs it.
             extra_cflags=_cflags("native"),
             extra_ldflags=["-fopenmp"],
@@ -123,7 +128,7 @@ def _stamp(march: str) -> dict[str, str]:
         "march": march,
         "machine": platform.machine(),
         "torch": torch.__version__,
-        "source_sha256": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
+        "source_sha256": hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES)).hexdigest(),
         "cflags": " ".join(_cflags(march)),
     }
 
@@ -193,7 +198,7 @@ def build_prebuilt(directory: Path, march: str) -> Path:
     with tempfile.TemporaryDirectory() as build_dir:
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=_cflags(march),
             extra_ldflags=["-fopenmp"],
             build_directory=build_dir,

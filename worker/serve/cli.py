@@ -8,7 +8,7 @@ import sys
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvops.worker.config import DTYPES, EngineConfig  # no torch: cheap for --help
+    from kvops.worker.config import DTYPES, QUANTIZATIONS, EngineConfig  # no torch: cheap
 
     defaults = EngineConfig()
     parser.add_argument(
@@ -23,6 +23,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_cache_argument(parser, "--model-cache")
     parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES)
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument(
+        "--quantization",
+        default=defaults.quantization,
+        choices=QUANTIZATIONS,
+        help="weight format: none (float) or kept quantized; default: the file's own (a GGUF "
+        "file's blocks as stored, a float model unquantized); a float model is quantized at load",
+    )
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     parser.add_argument(
@@ -47,6 +54,7 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

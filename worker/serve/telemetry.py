@@ -33,7 +33,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from kvops.worker.request import EngineStats, RequestOutput, SamplingParams
+from kvops.worker.request import (
+    EngineStats,
+    RequestOutput,
+    SamplingParams,
+    resident_memory_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +314,26 @@ class _EngineStatsCollector(Collector):
             metric = family(name, doc, labels=["model"])
             metric.add_metric(model, value)
             yield metric
+        # A replica's memory: what its weights and KV cache take, and the process as a whole.
+        weights = GaugeMetricFamily(
+            "kvops_model_weight_bytes",
+            "Bytes of the model's weights as held (quantized blocks as stored).",
+            labels=["model", "quantization"],
+        )
+        weights.add_metric([*model, stats.quantization], stats.weight_bytes)
+        yield weights
+        kv_cache = GaugeMetricFamily(
+            "kvops_kv_cache_bytes", "Bytes of the KV cache.", labels=["model"]
+        )
+        kv_cache.add_metric(model, stats.kv_cache_bytes)
+        yield kv_cache
+        resident = GaugeMetricFamily(
+            "kvops_resident_memory_bytes",
+            "Resident memory of the worker process.",
+            labels=["model"],
+        )
+        resident.add_metric(model, resident_memory_bytes())
+        yield resident
 
 
 # ------------------------------------------------------------------------------------ tracing

@@ -1,0 +1,216 @@
+"""Quantized weights: the formats against gguf's own code, the C++ kernel against the reference,
+the real SmolLM2 file's blocks, and the combinations that are refused before anything loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from kvops.worker import weights
+from kvops.worker.config import EngineConfig
+from kvops.worker.gguf_file import gguf_tensor, gguf_tensor_bytes, read_gguf
+from kvops.worker.ops.cpu_attention import extension_available
+from kvops.worker.ops.quant_formats import BLOCK, FORMATS, dequantize, quantize
+from kvops.worker.ops.quant_linear import (
+    DENSE_FROM_ROWS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedTensor,
+)
+from kvops.worker.weights import load_model_weights, resolve_model
+
+GGML = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+GGML["q4_1"] = GGMLQuantizationType.Q4_1
+SHAPES = [(1, 192, 576), (7, 1536, 576), (3, 576, 1536), (33, 64, 96)]  # (M, N, K)
+
+
+def weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Rows of different magnitude and an outlier or two, as real projections have.
+    w = torch.randn(rows, cols, generator=generator) * 0.05
+    w *= torch.rand(rows, 1, generator=generator) * 2 + 0.1
+    w[0, 3] = 0.9
+    return w
+
+
+@pytest.mark.parametrize("fmt", list(GGML))
+def test_the_torch_reference_reads_gguf_blocks_as_gguf_does(fmt):
+    w = weight(48, 256).numpy()
+    blocks = gguf_quantize(w, GGML[fmt])
+    expected = gguf_dequantize(blocks, GGML[fmt])
+    got = dequantize(torch.from_numpy(blocks), fmt, 256)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("fmt", list(GGML))
+def test_quantizing_gives_llamas_blocks(fmt):
+    w = weight(48, 256)
+    ours, _ = quantize(w, fmt)
+    theirs = torch.from_numpy(gguf_quantize(w.numpy(), GGML[fmt]))
+    assert ours.shape == theirs.shape == (48, FORMATS[fmt].row_bytes(256))
+    # Both round the same way except where a value sits on a rounding boundary (their numpy
+    # rounds halves away from zero in places where torch rounds them to even).
+    differing = (dequantize(ours, fmt, 256) != dequantize(theirs, fmt, 256)).float().mean()
+    assert differing < 1e-3
+
+
+def test_int8_is_per_row_and_symmetric():
+    w = weight(16, 64)
+    q, scale = quantize(w, "int8")
+    assert q.dtype == torch.int8 and scale.shape == (16,)
+    assert q.abs().amax(dim=1).eq(127).all()  # each row uses its whole range
+    error = (dequantize(q, "int8", 64, scale) - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: rounded per 32-block to int16 with scale amax / 32767."""
+    blocks = x.reshape(x.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 32767
+    q = torch.round(blocks / torch.where(d > 0, d, 1))
+    return (q * d).reshape(x.shape)
+
+
+needs_kernel = pytest.mark.skipif(not extension_available(), reason="no C++ compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_kernel_equals_the_reference_on_the_same_rounded_activations(fmt, m, n, k):
+    w = weight(n, k, seed=m)
+    data, scale = quantize(w, fmt)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n))
+    linear = QuantizedLinear(QuantizedTensor(fmt, data, (n, k), scale))
+    got = linear(x)
+    expected = quantized_activations(x) @ dequantize(data, fmt, k, scale).T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)  # float32 sum order
+    # And against the float matmul: the activations' rounding costs next to nothing.
+    exact = x @ dequantize(data, fmt, k, scale).T
+    assert (got - exact).norm() / exact.norm() < 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prefill_sizes_expand_the_weight_exactly_and_run_one_gemm(fmt):
+    data, scale = quantize(weight(96, 576), fmt)
+    expected = dequantize(data, fmt, 576, scale)
+    dense = torch.empty(96, 576)
+    torch.ops.kvops.dequantize_cpu(data, torch.empty(0) if scale is None else scale,
+                                   FORMATS[fmt].code, dense)  # fmt: skip
+    assert torch.equal(dense, expected)
+    linear = QuantizedLinear(QuantizedTensor(fmt, data, (96, 576), scale))
+    x = torch.randn(DENSE_FROM_ROWS, 576)
+    torch.testing.assert_close(linear(x), x @ expected.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_batch():
+    data, _ = quantize(weight(256, 576), "q4_1")
+    linear = QuantizedLinear(QuantizedTensor("q4_1", data, (256, 576)))
+    x = torch.randn(9, 576)  # decode sizes (below DENSE_FROM_ROWS)
+    batched = linear(x)
+    for i in range(9):
+        assert torch.equal(linear(x[i : i + 1]), batched[i : i + 1])
+
+
+@needs_kernel
+def test_bias_leading_dimensions_and_dtype_are_kept():
+    data, _ = quantize(weight(64, 96), "q8_0")
+    bias = torch.randn(64)
+    linear = QuantizedLinear(QuantizedTensor("q8_0", data, (64, 96)), bias)
+    x = torch.randn(2, 3, 96)
+    torch.testing.assert_close(linear(x), linear(x.reshape(6, 96)).reshape(2, 3, 64))
+    without = QuantizedLinear(QuantizedTensor("q8_0", data, (64, 96)))
+    torch.testing.assert_close(linear(x) - without(x), bias.expand(2, 3, 64))
+    assert linear(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "token_embd.weight"])
+def test_the_real_smollm2_blocks(name):
+    """SmolLM2's file holds Q4_1 layers and a Q8_0 embedding: computed on as stored, they agree
+    with the float32 matrix the file dequantizes to."""
+    path = resolve_model("default")
+    info = read_gguf(path).tensors[name]
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    fmt = {2: "q4_0", 3: "q4_1", 8: "q8_0"}[info.ggml_type]
+    rows = slice(0, 2048)  # of the 49152-row embedding, enough
+    dense = torch.from_numpy(gguf_tensor(blob, info))[rows]
+    blocks = gguf_tensor_bytes(blob, info)[rows].contiguous()
+    n, k = dense.shape
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(1))
+    got = QuantizedLinear(QuantizedTensor(fmt, blocks, (n, k)))(x)
+    torch.testing.assert_close(got, quantized_activations(x) @ dense.T, rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([[0, 5], [n - 1, 17]])
+    embedded = QuantizedEmbedding(QuantizedTensor(fmt, blocks, (n, k)), torch.float32)(ids)
+    assert torch.equal(embedded, dense[ids])
+
+
+def test_the_default_file_runs_as_stored_or_dequantized():
+    gguf = read_gguf(resolve_model("default"))
+    assert weights.gguf_quantization("f.gguf", gguf, "auto") == "q4_1"
+    assert weights.gguf_quantization("f.gguf", gguf, "none") == "none"
+    assert weights.gguf_quantization("f.gguf", gguf, "q4_1") == "q4_1"
+
+
+@pytest.mark.parametrize("asked", ["q4_0", "q8_0", "int8"])
+def test_a_format_the_file_cannot_give_is_refused_before_reading_weights(asked, monkeypatch):
+    def no_reads(*args):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(weights, "gguf_tensor", no_reads)
+    monkeypatch.setattr(weights, "gguf_tensor_bytes", no_reads)
+    with pytest.raises(ValueError) as error:
+        load_model_weights("default", quantization=asked)
+    message = str(error.value)
+    assert f"quantization {asked}" in message and "Q4_1" in message
+    assert "q4_1 (as stored) or none" in message
+
+
+def test_a_device_without_a_kernel_is_refused_naming_both():
+    with pytest.raises(ValueError, match="quantization q8_0 cannot run on device meta"):
+        load_model_weights("dummy:smollm2-135m", device="meta", quantization="q8_0")
+    with pytest.raises(ValueError, match="quantization q4_1 cannot run on device meta"):
+        load_model_weights("default", device="meta", quantization="auto")
+    # Unquantized, the same device is fine (shapes only).
+    assert load_model_weights("dummy:smollm2-135m", device="meta").quantized == {}
+
+
+def test_unknown_quantizations_are_refused():
+    with pytest.raises(ValueError, match="quantization must be one of none, q8_0"):
+        EngineConfig(quantization="q5_k").validate()
+    with pytest.raises(ValueError, match="quantization must be auto or one of"):
+        load_model_weights("default", quantization="fp4")
+
+
+@needs_kernel
+def test_a_float_model_is_quantized_at_load_to_any_format():
+    for fmt in FORMATS:
+        loaded = load_model_weights(
+            "dummy:smollm2-135m", quantization=fmt, model_overrides={"num_hidden_layers": 1}
+        )
+        assert loaded.quantization == fmt
+        assert set(loaded.quantized) == {
+            "model.embed_tokens.weight",
+            *(f"model.layers.0.{p}.weight" for p in ("self_attn.q_proj", "self_attn.k_proj")),
+            *(f"model.layers.0.{p}.weight" for p in ("self_attn.v_proj", "self_attn.o_proj")),
+            *(f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")),
+        }
+        assert all(q.fmt == fmt for q in loaded.quantized.values())
+        assert "model.norm.weight" in loaded.state_dict  # norms stay float
+
+
+def test_the_operator_passes_quantization_to_the_worker():
+    from kvops.operator.api import LLMDeploymentSpec
+    from kvops.operator.llmdeployment import engine_arguments
+
+    spec = LLMDeploymentSpec.model_validate(
+        {"model": {"source": "builtin://smollm2", "quantization": "q4_1"}}
+    )
+    args = engine_arguments("chat", spec)
+    assert args[args.index("--quantization") + 1] == "q4_1"
