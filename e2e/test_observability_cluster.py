@@ -16,16 +16,19 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from kube_helpers import install_crds
 from observability_load import draw, load_and_scrape, queries, without_data
 from prometheus_process import PrometheusProcess, ScrapeTarget
 from serve_process import ServeProcess
-from test_operator_cluster import Kube, llmd, operator_under_its_role, pods_running
+from test_operator_cluster import (
+    Kube,
+    llmd,
+    operator_under_its_role,
+    pods_running,
+    restricted_namespace,
+)
 from test_operator_prompts import finish_eval_pod, summary, version_file, wait_for_new_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -38,14 +41,8 @@ RESULTS = {"obs-v1": (3, 1), "obs-v2": (4, 0)}
 @pytest.fixture(scope="module")
 def namespace(kube_cluster):
     """Restricted Pod Security, as the evaluation Jobs must pass it."""
-    name = f"kvops-obs-{uuid.uuid4().hex[:6]}"
-    labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    namespace["metadata"]["labels"] = labels
-    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
-    install_crds(kube_cluster)
-    yield name
-    kube_cluster.kubectl("delete", "namespace", name, "--wait=false")
+    with restricted_namespace(kube_cluster, "kvops-obs") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,22 @@ def service_account_kubeconfig(cluster, namespace: str, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
+def restricted_namespace(cluster, prefix: str) -> Iterator[str]:
+    """A fresh namespace that enforces Pod Security `restricted` (the Jobs the operator makes
+    must pass it), with the CRDs installed."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    namespace["metadata"]["labels"] = labels
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
+    install_crds(cluster)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@contextlib.contextmanager
 def operator_under_its_role(cluster, namespace: str, folder: Path) -> Iterator[Operator]:
     """The operator under its own least-privilege Role: a missing permission fails the tests, and
     so does any handler that raised (kopf retries those, which could hide a broken handler behind

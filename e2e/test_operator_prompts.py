@@ -15,29 +15,22 @@ from __future__ import annotations
 import copy
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kube_helpers import install_crds, terminate_pod
-from test_operator_cluster import Kube, llmd, operator_under_its_role
+from kube_helpers import terminate_pod
+from test_operator_cluster import Kube, llmd, operator_under_its_role, restricted_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def namespace(kube_cluster) -> str:
-    """A namespace that enforces Pod Security `restricted`: the evaluation pods must pass it."""
-    name = f"kvops-prompts-{uuid.uuid4().hex[:6]}"
-    labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    namespace["metadata"]["labels"] = labels
-    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
-    install_crds(kube_cluster)
-    yield name
-    kube_cluster.kubectl("delete", "namespace", name, "--wait=false")
+    """Restricted Pod Security: the evaluation pods must pass it."""
+    with restricted_namespace(kube_cluster, "kvops-prompts") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
