@@ -214,7 +214,10 @@ def prune_when_disk_fills(buildah: Buildah) -> None:
     full = usage.used / (usage.used + usage.free)  # as df and the kubelet count it
     if full >= PRUNE_AT:
         log(f"disk {full:.0%} full: pruning buildah's untagged images")
-        buildah("rmi", "--prune", stdout=subprocess.DEVNULL)
+        # Best effort: an image a leftover build container still uses stays (and is named).
+        pruned = buildah("rmi", "--prune", check=False, capture_output=True, text=True)
+        if pruned.returncode:
+            log(f"pruning left some images: {pruned.stderr.strip()}")
 
 
 def build_images(names: list[str] | None = None) -> dict[str, Path]:
