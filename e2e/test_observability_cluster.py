@@ -102,6 +102,12 @@ def test_every_dashboard_and_alert_query_returns_data(kube, tmp_path):
         }
         with PrometheusProcess(targets) as prometheus:
             prometheus.wait_for("count(up == 1) == 2")
+            # Every reconcile so far came before the first scrape; one more (a version no
+            # deployment uses) gives the duration histogram an increase rate() can see.
+            kube.apply(version_file("unused-v1", "unused", []))
+            prometheus.wait_for(
+                "sum(increase(kvops_operator_reconcile_duration_seconds_count[1m])) > 0"
+            )
             selector = f'namespace="{kube.namespace}", llmdeployment="{DEPLOYMENT}"'
             load = load_and_scrape(server, prometheus, selector, PROMPT, ("v1", "v2"))
             ratios = prometheus.wait_for(
