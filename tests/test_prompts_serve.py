@@ -91,7 +91,8 @@ def folders(tmp_path_factory):
     return root / "prompts", root / "feedback.jsonl"
 
 
-def start_server(folders, otlp_receiver) -> ServeProcess:
+def prompts_server(folders, otlp_receiver) -> ServeProcess:
+    """The server over these folders, not started yet (`with` starts and stops it)."""
     prompts_dir, feedback_log = folders
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
@@ -99,14 +100,13 @@ def start_server(folders, otlp_receiver) -> ServeProcess:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     args = ("--prompts-dir", str(prompts_dir), "--feedback-log", str(feedback_log))
-    return ServeProcess(*args, env=env).start()
+    return ServeProcess(*args, env=env)
 
 
 @pytest.fixture(scope="module")
 def server(folders, otlp_receiver):
-    server = start_server(folders, otlp_receiver)
-    yield server
-    server.stop()  # the restart test may have stopped it already
+    with prompts_server(folders, otlp_receiver) as server:  # the restart test may stop it first
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +426,7 @@ def test_the_feedback_log_survives_a_restart(server, folders, otlp_receiver):
     before = log.read_text()
     assert before.count("\n") >= 3
     server.stop()
-    with start_server(folders, otlp_receiver) as restarted:
+    with prompts_server(folders, otlp_receiver) as restarted:
         client = openai.OpenAI(base_url=f"{restarted.base_url}/v1", api_key="unused", max_retries=0)
         reply = ask(client, version="1")
         rated = httpx.post(
