@@ -2,20 +2,21 @@
 run. The model: SmolLM2-360M's architecture (32 layers, hidden 960) with random float32 weights,
 one 1.45 GB safetensors file plus the SmolLM2 config and tokenizer files, written at bench time
 into a temporary folder (removed after). It is served by the test Hub (tests/hub_server.py,
-sendfile) and by MinIO (tests/s3_server.py). Each repetition, for each source, curls every file
-one after the other into an empty folder and pulls into an empty cache, alternating which goes
-first.
+sendfile) and by MinIO (tests/s3_server.py), one source after the other with only its own server
+running. Each repetition curls every file one after the other into an empty folder and pulls into
+an empty cache, alternating which goes first.
 
-A pull ends with the files verified and fsynced (the completion marker must not outlive the data
-in a power cut); curl does neither, so `curl_sync_s` adds `sync` of the curled files (the same
-durability) and `curl_verified_s` then hashes the weights with `openssl sha256` (the OpenSSL code
-hashlib runs): the same work as an hf:// pull, which checks every byte against the Hub's LFS
-sha256. (The s3:// weights go up in parts, so their ETag is no MD5 and that pull checks their
-size only.) Three kvops figures:
-  kvops_wall_MBps      the `kvops model pull` process, start-up and imports included (end to end)
+A pull ends with every file verified: an hf:// pull checks every byte against the Hub's LFS
+sha256; the s3:// weights go up in parts (their ETag is no MD5), so that pull checks their size
+and records a CRC-32 of its own for the cache's marker. It does not fsync the data (the marker
+names the boot it was written in; the next pull settles it). curl does none of this; for scale,
+`curl_sync_s` adds `sync` of the curled files and `curl_verified_s` then hashes the weights with
+`openssl sha256` (the OpenSSL code hashlib runs). Three kvops figures:
+  kvops_wall_MBps      the `kvops model pull` process, start-up and imports included (end to end);
+                       this is the figure held against curl's
   kvops_MBps           the pull's own `seconds` (resolving the revision, fetching, verifying,
-                       syncing, finishing the entry)
-  kvops_transfer_MBps  the rate of the pull's last progress line (fetch, verify and sync only)
+                       finishing the entry)
+  kvops_transfer_MBps  the rate of the pull's last progress line (fetch and verify only)
 
     python bench/model_pull.py --repeat 3
 """
@@ -149,6 +150,14 @@ def measure(kind: str, setup: tuple, repetition: int, size: int, scratch: Path) 
     }
 
 
+def run_repetitions(kind: str, setup: tuple, repeat: int, size: int, scratch: Path) -> list[dict]:
+    rows = []
+    for repetition in range(repeat):
+        rows.append(measure(kind, setup, repetition, size, scratch))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def summarize(rows: list[dict]) -> dict:
     """Medians per source; the ratios are medians of each repetition's own ratio (the two
     figures of a repetition ran back to back, under the same load)."""
@@ -180,6 +189,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sources", nargs="+", choices=["hf", "s3"], default=["hf", "s3"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kvops-bench-pull-"))
     try:
@@ -187,31 +197,30 @@ def main() -> None:
         size = sum((folder / name).stat().st_size for name in KEPT)
         print(f"model: {size / 1e9:.2f} GB in {len(KEPT)} files", flush=True)
         rows = []
-        with HubServer() as hub, MinioServer(work / "minio") as s3:
-            hub.add_repo("bench/smollm2-360m", folder)
-            client = s3.client()
-            client.create_bucket(Bucket="models")
-            for name in KEPT:  # model.safetensors goes up in parts: its ETag is no MD5
-                client.upload_file(str(folder / name), "models", f"smollm2-360m/{name}")
-            setups = {
-                "hf": (
+        # One source at a time, with only its own server alive on the two CPUs.
+        if "hf" in args.sources:
+            with HubServer() as hub:
+                hub.add_repo("bench/smollm2-360m", folder)
+                setup = (
                     "hf://bench/smollm2-360m",
                     {"HF_ENDPOINT": hub.url},
                     {n: f"{hub.url}/bench/smollm2-360m/resolve/main/{n}" for n in KEPT},
                     [],
-                ),
-                "s3": (
+                )
+                rows += run_repetitions("hf", setup, args.repeat, size, work / "scratch")
+        if "s3" in args.sources:
+            with MinioServer(work / "minio") as s3:
+                client = s3.client()
+                client.create_bucket(Bucket="models")
+                for name in KEPT:  # model.safetensors goes up in parts: its ETag is no MD5
+                    client.upload_file(str(folder / name), "models", f"smollm2-360m/{name}")
+                setup = (
                     "s3://models/smollm2-360m",
                     s3.env,
                     {n: f"{s3.url}/models/smollm2-360m/{n}" for n in KEPT},
                     ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{ACCESS_KEY}:{SECRET_KEY}"],
-                ),
-            }
-            for repetition in range(args.repeat):
-                for kind, setup in setups.items():
-                    row = measure(kind, setup, repetition, size, work / "scratch")
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                )
+                rows += run_repetitions("s3", setup, args.repeat, size, work / "scratch")
         summary = summarize(rows)
         print(json.dumps(summary, indent=1))
         load = os.getloadavg()

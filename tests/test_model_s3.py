@@ -3,12 +3,12 @@ from the standard AWS variables, the same files and answers as the local folder,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -65,10 +65,11 @@ def test_pull_from_s3_copies_the_model_files_once(s3, smollm2_folder, tmp_path):
     assert {p.name for p in path.iterdir()} == KEPT | {MARKER}
     for name in KEPT:
         assert (path / name).read_bytes() == (smollm2_folder / name).read_bytes(), name
-    # The weights go up in parts (their ETag is no MD5): the pull hashes them for the marker.
-    recorded = {f["name"]: f["digest"] for f in json.loads((path / MARKER).read_text())["files"]}
-    weights = hashlib.sha256((smollm2_folder / "model.safetensors").read_bytes()).hexdigest()
-    assert recorded["model.safetensors"] == ["sha256", weights]
+    # The weights go up in parts (their ETag is no MD5): the pull checksums them for the marker.
+    marker = json.loads((path / MARKER).read_text())
+    recorded = {f["name"]: f["digest"] for f in marker["files"]}
+    weights = zlib.crc32((smollm2_folder / "model.safetensors").read_bytes())
+    assert recorded["model.safetensors"] == ["crc32", f"{weights:08x}"]
     assert all(recorded.values())
     again = kvops("model", "pull", "s3://models/smollm2/", "--cache", str(tmp_path), env=s3.env)
     assert json.loads(again.stdout.strip().splitlines()[-1])["downloaded"] == 0
@@ -82,6 +83,19 @@ def test_pull_from_s3_copies_the_model_files_once(s3, smollm2_folder, tmp_path):
                   env=s3.env)  # fmt: skip
     assert stale.returncode == 2
     assert "kvops: error: unknown revision: s3://models/smollm2 now lists as" in stale.stderr
+
+    # That checksum is what catches a torn file after a crash (the pull never fsynced it).
+    marker["unsynced_boot"] = "a-boot-before-a-crash"
+    (path / MARKER).write_text(json.dumps(marker))
+    with open(path / "model.safetensors", "r+b") as torn:
+        torn.seek(-100, os.SEEK_END)
+        torn.write(bytes(100))
+    healed = kvops("model", "pull", "s3://models/smollm2", "--cache", str(tmp_path), env=s3.env)
+    assert "corrupted in the cache, fetching again: ['model.safetensors']" in healed.stderr
+    assert json.loads(healed.stdout.strip().splitlines()[-1])["downloaded"] > 0
+    assert (path / "model.safetensors").read_bytes() == (
+        smollm2_folder / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow

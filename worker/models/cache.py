@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +40,8 @@ CHUNKS = ".chunks"
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file of a resolved revision. `digest` is (algorithm, hex): sha256, md5 or git-sha1
-    (a git blob id); None where the source publishes no usable checksum (size only)."""
+    """One file of a resolved revision. `digest` is (algorithm, hex): sha256, md5, git-sha1 (a git
+    blob id) or crc32 (OWN_CHECKSUM); None where the source publishes no usable checksum."""
 
     name: str
     size: int
@@ -53,13 +54,34 @@ def default_cache_dir() -> str:
     )
 
 
+# The checksum the marker records for a file whose source published none (an S3 multipart
+# upload): it only has to catch a torn or damaged file after a crash, and CRC-32 does that at
+# 4.2 GB/s here against sha256's 1.8 GB/s, which was a third of an s3:// pull's CPU.
+OWN_CHECKSUM = "crc32"
+
+
+class _Crc32:
+    """CRC-32 with hashlib's update/hexdigest (zlib releases the GIL on large buffers)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
 def new_hash(algorithm: str, size: int):
-    """A hashlib object for a digest algorithm; git-sha1 is git's blob id (the sha1 of
+    """A hashlib-like object for a digest algorithm; git-sha1 is git's blob id (the sha1 of
     'blob <size>\\0' and the data)."""
     if algorithm == "git-sha1":
         h = hashlib.sha1(usedforsecurity=False)
         h.update(f"blob {size}\0".encode())
         return h
+    if algorithm == "crc32":
+        return _Crc32()
     return hashlib.new(algorithm)
 
 

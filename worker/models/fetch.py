@@ -4,16 +4,17 @@ Each file is split into CHUNK-sized ranges fetched by a pool of threads and writ
 (pwrite) into `<name>.incomplete`; every finished chunk is appended to `<name>.incomplete.chunks`,
 so a pull that is killed resumes with the chunks it lacks, and a range interrupted mid-way is
 retried from the byte where it stopped. The checksum is computed while the download runs (each
-chunk as soon as those before it are written, read back from the page cache), so a complete file
+chunk as soon as those before it are written, mapped from the page cache), so a complete file
 is verified at once and renamed into place; a file that fails verification is fetched once more
-before the pull gives up. A file whose source publishes no checksum gets a sha256 all the same:
-the cache's marker records it (cache.py: a later boot checks the files against it).
+before the pull gives up. A file whose source publishes no checksum gets one all the same
+(cache.OWN_CHECKSUM): the cache's marker records it (a later boot checks the files against it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -21,14 +22,25 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Protocol
 
-from kvops.worker.models.cache import CHUNKS, INCOMPLETE, CacheEntry, RemoteFile, new_hash
+from kvops.worker.models.cache import (
+    CHUNKS,
+    INCOMPLETE,
+    OWN_CHECKSUM,
+    CacheEntry,
+    RemoteFile,
+    new_hash,
+)
 from kvops.worker.models.progress import Progress
 from kvops.worker.models.sources import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 8 << 20
-WORKERS = 8
+WRITE = 256 << 10  # the largest pwrite (see _write)
+# Ranges in flight: two per CPU (one waits on the network while the other copies and hashes), at
+# most eight. On a 2-CPU machine eight streams spent their time spinning on the file's inode
+# lock and lost 10-25% against four (bench/results/README.md, model_pull).
+WORKERS = min(8, 2 * len(os.sched_getaffinity(0)))
 RETRIES = 4  # per range, with exponential backoff from RETRY_DELAY
 RETRY_DELAY = 0.2
 
@@ -73,10 +85,9 @@ class _OpenFile:
         self.resumed_bytes = remote.size - sum(_chunk_len(remote.size, i) for i in self.missing)
         self.lock = threading.Lock()
         self.done = done
-        self.algorithm = remote.digest[0] if remote.digest else "sha256"
+        self.algorithm = remote.digest[0] if remote.digest else OWN_CHECKSUM
         self.hash = new_hash(self.algorithm, remote.size)
         self.hashed = 0  # chunks [0, hashed) are in self.hash
-        self.read_buffer = memoryview(bytearray(min(CHUNK, remote.size)))
         self.hash_lock = threading.Lock()
 
     def chunk_done(self, index: int) -> bool:
@@ -103,14 +114,18 @@ class _OpenFile:
                     if self.hashed not in self.done:
                         return
                 index = self.hashed
-                offset, end = index * CHUNK, index * CHUNK + _chunk_len(self.remote.size, index)
-                while offset < end:
-                    # Into one reused buffer: a fresh 8 MiB object per read costs page faults.
-                    read = os.preadv(self.fd, [self.read_buffer[: end - offset]], offset)
-                    if not read:
-                        raise OSError(f"{self.temp}: shorter than its chunk log says")
-                    self.hash.update(self.read_buffer[:read])
-                    offset += read
+                if os.fstat(self.fd).st_size < index * CHUNK + _chunk_len(self.remote.size, index):
+                    # (a mapping past the end would kill the process with SIGBUS)
+                    raise OSError(f"{self.temp}: shorter than its chunk log says")
+                # Hashed where the page cache holds it: reading it into a buffer first was a
+                # tenth of a pull's CPU (a copy of every byte) on a 2-core machine.
+                with mmap.mmap(
+                    self.fd,
+                    _chunk_len(self.remote.size, index),
+                    offset=index * CHUNK,
+                    access=mmap.ACCESS_READ,
+                ) as chunk:
+                    self.hash.update(chunk)
                 self.hashed += 1
         finally:
             self.hash_lock.release()
@@ -187,7 +202,7 @@ def _fetch_round(
                     if stop.is_set():
                         return
                     block = block[: end - offset]
-                    os.pwrite(file.fd, block, offset)
+                    _write(file.fd, block, offset)
                     offset += len(block)
                     progress.add(len(block))
                     if offset >= end:  # a server that ignored the range sends on
@@ -225,6 +240,19 @@ def _fetch_round(
         for file in opened:
             file.close()
     return failed
+
+
+def _write(fd: int, block: bytes, offset: int) -> None:
+    """pwrite in WRITE-sized pieces. The kernel gives a write a page-cache folio as large as the
+    write; on a VM that hands free memory back to its host (virtio-balloon free page reporting,
+    as on the bench machine) large folios come from the handed-back blocks and every first touch
+    faults in the host: 1 MiB writes after another program freed its pages ran at half of
+    curl's speed, spending 40% of the pull copying into the page cache (perf); curl's 16 KiB
+    writes and these 256 KiB pieces never did (bench/results/README.md, model_pull)."""
+    view = memoryview(block)
+    at = 0
+    while at < len(view):
+        at += os.pwrite(fd, view[at : at + WRITE], offset + at)
 
 
 def _chunk_len(size: int, index: int) -> int:

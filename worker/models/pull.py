@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TextIO
 
 from kvops.worker.models.cache import (
+    OWN_CHECKSUM,
     CacheEntry,
     RemoteFile,
     default_cache_dir,
@@ -159,12 +160,13 @@ def _with_digest(
     entry: CacheEntry, remote: RemoteFile, fetched: dict[str, tuple[str, str]]
 ) -> RemoteFile:
     """The file as the marker records it: with the source's checksum, else the one computed
-    while fetching it, else (verified by an earlier, interrupted pull) its sha256 now."""
+    while fetching it, else (verified by an earlier, interrupted pull) one computed now."""
     if remote.digest is not None:
         return remote
     digest = fetched.get(remote.name)
     if digest is None:
-        digest = ("sha256", file_digest(entry.partial_path(remote.name), "sha256"))
+        path = entry.partial_path(remote.name)
+        digest = (OWN_CHECKSUM, file_digest(path, OWN_CHECKSUM))
     return dataclasses.replace(remote, digest=digest)
 
 
