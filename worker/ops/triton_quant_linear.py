@@ -23,8 +23,8 @@ As with ``triton_attention``, on a machine without a GPU these kernels run on CP
 Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before this module is
 imported.
 
-Tiling, chosen for decode (M = 1-64 rows) and untuned on a GPU so far (this was written and
-checked under the interpreter only):
+Tiling, chosen for decode (M = 1-64 rows); checked on an H200 and tuned there by a sweep (see
+the constants below):
 
 * One program per (row tile, column tile, K split). tl.dot needs at least 16 rows, so a decode
   step of one token wastes 15/16 of the MMA; the step is bound by the weight reads, not the
@@ -47,10 +47,14 @@ __all__ = ["BLOCK_BYTES", "INTERPRETED", "int8_matmul", "quant_matmul"]
 QK = 32  # weights per GGUF block
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 _FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
-# About twice the SM count of an H100 (132); enough programs to keep the loads in flight.
-TARGET_PROGRAMS = 256
-_BLOCK_N = 64
-_BLOCK_K = 128  # a multiple of QK, so a K tile holds whole blocks
+# Measured on an H200 (bench/triton_quant_matmul.py --sweep, bench/results/README.md): over
+# Llama-3-8B's projections at M = 1 and 16, 128 x 64 tiles with 8 warps and about twice the SM
+# count (132) of programs were the fastest or within 5% of it; the first guess (64 x 128, 4
+# warps, 256 programs) was 1.1-2.8x slower.
+TARGET_PROGRAMS = 264
+_BLOCK_N = 128
+_BLOCK_K = 64  # a multiple of QK, so a K tile holds whole blocks
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -228,6 +232,7 @@ def _launch_split(kernel, x: torch.Tensor, n: int, k: int, split_k: int | None, 
         BLOCK_K=_BLOCK_K,
         IEEE=x.dtype == torch.float32,
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+        num_warps=NUM_WARPS,
         **args,
     )
     out = partial[0] if splits == 1 else partial.sum(dim=0)
