@@ -3,6 +3,9 @@ the real SmolLM2 file's blocks, and the combinations that are refused before any
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +182,26 @@ def test_a_device_without_a_kernel_is_refused_naming_both():
         load_model_weights("default", device="meta", quantization="auto")
     # Unquantized, the same device is fine (shapes only).
     assert load_model_weights("dummy:smollm2-135m", device="meta").quantized == {}
+
+
+def test_serve_check_refuses_a_format_the_file_cannot_give():
+    """`kvops serve --check` (what the operator's contract tests and an admission check run)
+    reads the file's header and refuses what the load would; a good combination passes."""
+
+    def check(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "kvops.worker.serve.cli", "serve", "--check", *flags],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    refused = check("--quantization", "q8_0")
+    assert refused.returncode == 2, refused.stderr
+    assert "quantization q8_0 cannot be given by this file, whose weights are Q4_1" in (
+        refused.stderr
+    )
+    accepted = check("--quantization", "none")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "configuration OK" in accepted.stdout
 
 
 def test_unknown_quantizations_are_refused():

@@ -349,6 +349,23 @@ def load_model_weights(
     return loaded
 
 
+def check_quantization(model: str, quantization: str, device: str | torch.device) -> str:
+    """The format `load_weights` would run `model` in, from the file's header alone (no weight
+    is read): raises the ValueError the load would, for a combination the file cannot give or a
+    device without a kernel for it (`kvops serve --check`)."""
+    if quantization != "auto" and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be auto or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+        )
+    device = torch.device(device)
+    resolved = resolve_model(model)
+    if resolved.startswith(DUMMY_PREFIX) or os.path.isdir(resolved):
+        return _float_model_quantization(quantization, device, resolved)
+    fmt = gguf_quantization(resolved, read_gguf(resolved), quantization)
+    _check_kernel(fmt, device, resolved)
+    return fmt
+
+
 def _check_kernel(fmt: str, device: torch.device, source: str) -> None:
     if fmt == "none":
         return

@@ -129,7 +129,7 @@ def check_serve_configuration(args: argparse.Namespace, server):
     resolved model path."""
     from pathlib import Path
 
-    from kvops.worker.weights import resolve_model
+    from kvops.worker.weights import check_quantization, resolve_model
 
     server.validate()
     source = pull_model_source(args, inspect_only=args.check)
@@ -153,7 +153,8 @@ def check_serve_configuration(args: argparse.Namespace, server):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if source is not None and args.check:
-        return config, source
+        return config, source  # not pulled: no header to read yet
+    check_quantization(config.model, config.quantization, config.device)
     return config, resolve_model(config.model)
 
 
