@@ -22,10 +22,16 @@ from torch import nn
 
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
-# From this many rows (prefill) the CPU expands the weight to float32 for one dense GEMM: the
-# per-row integer dots cost more than the expansion (measured at SmolLM2 shapes, see
-# bench/results/README.md "quantized weights").
-DENSE_FROM_ROWS = 128
+# From this many rows the CPU expands the weight to float32 for one dense GEMM instead of the
+# integer dots, whose cost grows by a full pass over the weight per row. Measured on one thread
+# at SmolLM2's shapes (bench/results/README.md, "quantized weights"): the expansion costs what
+# 19-21 rows of dots do (3072 x 576 Q4_1: 1.05 ms against 0.093 ms a row). A matrix whose
+# float32 copy is larger than DENSE_SCRATCH_BYTES gets fresh pages from the kernel at every
+# call (the 49152 x 576 Q8_0 head: 70 ms for 113 MB), so it keeps the dots up to
+# LARGE_DENSE_FROM_ROWS.
+DENSE_FROM_ROWS = 24
+LARGE_DENSE_FROM_ROWS = 128
+DENSE_SCRATCH_BYTES = 32 << 20
 
 __all__ = [
     "QuantizedEmbedding",
@@ -77,6 +83,8 @@ class QuantizedLinear(nn.Module):
         self.fmt = weight.fmt
         self.code = FORMATS[weight.fmt].code
         self.out_features, self.in_features = weight.shape
+        small = self.out_features * self.in_features * 4 <= DENSE_SCRATCH_BYTES
+        self.dense_from_rows = DENSE_FROM_ROWS if small else LARGE_DENSE_FROM_ROWS
         # Buffers: they follow .to() and count in memory reports, but are not parameters.
         self.register_buffer("weight", weight.data, persistent=False)
         self.register_buffer(
@@ -95,7 +103,7 @@ class QuantizedLinear(nn.Module):
             y = triton_quant_linear.quant_matmul(
                 rows, self.weight, self.fmt, self.out_features, self.in_features, scale=scale
             )
-        elif rows.shape[0] >= DENSE_FROM_ROWS:
+        elif rows.shape[0] >= self.dense_from_rows:
             dense = torch.empty(self.out_features, self.in_features)
             torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
             y = F.linear(rows.float(), dense)
