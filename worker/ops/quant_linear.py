@@ -23,13 +23,13 @@ from torch import nn
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
 # From this many rows the CPU expands the weight to float32 for one dense GEMM instead of the
-# integer dots, whose cost grows by a full pass over the weight per row. Measured on one thread
-# at SmolLM2's shapes (bench/results/README.md, "quantized weights"): the expansion costs what
-# 19-21 rows of dots do (3072 x 576 Q4_1: 1.05 ms against 0.093 ms a row). A matrix whose
-# float32 copy is larger than DENSE_SCRATCH_BYTES gets fresh pages from the kernel at every
-# call (the 49152 x 576 Q8_0 head: 70 ms for 113 MB), so it keeps the dots up to
-# LARGE_DENSE_FROM_ROWS.
-DENSE_FROM_ROWS = 24
+# integer dots, whose cost grows with the rows (each weight block is unpacked once per eight).
+# Measured on one thread at SmolLM2's shapes (bench/results/README.md, "quantized weights"): the
+# two cross near 64 rows (3072 x 576 Q4_1: 3.41 ms of dots against 3.55 for the expansion and
+# the GEMM; 576 x 1536: 1.63 against 1.60). A matrix whose float32 copy is larger than
+# DENSE_SCRATCH_BYTES gets fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head:
+# 70 ms for 113 MB), so it keeps the dots up to LARGE_DENSE_FROM_ROWS.
+DENSE_FROM_ROWS = 64
 LARGE_DENSE_FROM_ROWS = 128
 DENSE_SCRATCH_BYTES = 32 << 20
 
