@@ -201,9 +201,10 @@ def test_serve_check_refuses_a_format_the_file_cannot_give():
     assert "quantization q8_0 cannot be given by this file, whose weights are Q4_1" in (
         refused.stderr
     )
-    accepted = check("--quantization", "none")
-    assert accepted.returncode == 0, accepted.stderr
-    assert "configuration OK" in accepted.stdout
+    for flags in [("--quantization", "none"), ()]:  # dequantized, and the file's own format
+        accepted = check(*flags)
+        assert accepted.returncode == 0, accepted.stderr
+        assert "configuration OK" in accepted.stdout
 
 
 def test_unknown_quantizations_are_refused():

@@ -154,7 +154,7 @@ def check_serve_configuration(args: argparse.Namespace, server):
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if source is not None and args.check:
         return config, source  # not pulled: no header to read yet
-    check_quantization(config.model, config.quantization, config.device)
+    check_quantization(config.model, config.quantization or "auto", config.device)
     return config, resolve_model(config.model)
 
 
