@@ -44,6 +44,11 @@ namespace {
 constexpr int64_t kBlock = 32;
 // The format codes of worker/ops/quant_formats.py (FORMATS[...].code).
 enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
+
+// Bytes per 32-weight block (0: not a format code).
+constexpr int64_t block_bytes_of(int64_t format) {
+  return format == kQ8_0 ? 34 : format == kQ4_0 ? 18 : format == kQ4_1 ? 20 : format == kInt8 ? kBlock : 0;
+}
 // Activations are rounded to int16 per block. int8, as llama.cpp rounds them, cost this model
 // too much: with Q8_0 weights, 8 of the 9 exactness prompts left the float32 reference's greedy
 // path within 48 tokens (4 with float activations), at logprob margins up to 0.37 nats.
@@ -108,7 +113,6 @@ inline __m256 dot_block(__m256i w_low, __m256i w_high, const int16_t* a) {
 // on the rows grouped with it.
 template <int64_t kFormat, int R>
 void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, float* out) {
-  constexpr int64_t kBytes = kFormat == kQ8_0 ? 34 : kFormat == kQ4_0 ? 18 : kFormat == kQ4_1 ? 20 : kBlock;
   __m256 acc[R];
   float minimums[R];
   for (int r = 0; r < R; ++r) {
@@ -116,7 +120,7 @@ void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, fl
     minimums[r] = 0.f;
   }
   const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < num_blocks; ++b, w += kBytes) {
+  for (int64_t b = 0; b < num_blocks; ++b, w += block_bytes_of(kFormat)) {
     __m256i low, high;
     float dw = 1.f;  // int8: the row's scale is applied by the caller
     if constexpr (kFormat == kQ8_0 || kFormat == kInt8) {
@@ -162,42 +166,25 @@ inline void unpack_nibbles(const uint8_t* p, int offset, int8_t* out) {
   }
 }
 
-float dot_q8_0(const uint8_t* w, const ActBlock* a, int64_t num_blocks) {
-  float acc = 0.f;
-  for (int64_t b = 0; b < num_blocks; ++b, w += 34) {
-    const int s = sum_products(reinterpret_cast<const int8_t*>(w + 2), a[b].q);
-    acc += half_to_float(w) * a[b].d * float(s);
-  }
-  return acc;
-}
-
-float dot_q4_0(const uint8_t* w, const ActBlock* a, int64_t num_blocks) {
-  float acc = 0.f;
+template <int64_t kFormat, int R>
+void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, float* out) {
+  float acc[R] = {};
   int8_t q[kBlock];
-  for (int64_t b = 0; b < num_blocks; ++b, w += 18) {
-    unpack_nibbles(w + 2, 8, q);
-    acc += half_to_float(w) * a[b].d * float(sum_products(q, a[b].q));
+  for (int64_t b = 0; b < num_blocks; ++b, w += block_bytes_of(kFormat)) {
+    float dw = 1.f;  // int8: the row's scale is applied by the caller
+    if constexpr (kFormat == kQ8_0 || kFormat == kInt8) {
+      std::memcpy(q, kFormat == kQ8_0 ? w + 2 : w, kBlock);
+    } else {
+      unpack_nibbles(w + (kFormat == kQ4_0 ? 2 : 4), kFormat == kQ4_0 ? 8 : 0, q);
+    }
+    if constexpr (kFormat != kInt8) dw = half_to_float(w);
+    for (int r = 0; r < R; ++r) {
+      const ActBlock& block = a[r][b];
+      acc[r] += dw * block.d * float(sum_products(q, block.q));
+      if constexpr (kFormat == kQ4_1) acc[r] += half_to_float(w + 2) * block.s;
+    }
   }
-  return acc;
-}
-
-float dot_q4_1(const uint8_t* w, const ActBlock* a, int64_t num_blocks) {
-  float acc = 0.f;
-  int8_t q[kBlock];
-  for (int64_t b = 0; b < num_blocks; ++b, w += 20) {
-    unpack_nibbles(w + 4, 0, q);
-    acc += half_to_float(w) * a[b].d * float(sum_products(q, a[b].q));
-    acc += half_to_float(w + 2) * a[b].s;
-  }
-  return acc;
-}
-
-float dot_int8(const uint8_t* w, const ActBlock* a, int64_t num_blocks) {
-  float acc = 0.f;
-  for (int64_t b = 0; b < num_blocks; ++b, w += kBlock) {
-    acc += a[b].d * float(sum_products(reinterpret_cast<const int8_t*>(w), a[b].q));
-  }
-  return acc;
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
 }
 
 #endif
@@ -208,17 +195,6 @@ using RowsFn = void (*)(const uint8_t*, const ActBlock* const*, int64_t, float*)
 // sixteen registers (at 32 rows, 3072 x 576 Q4_1 on one thread: 2.97 ms a row at a time, 1.93
 // in groups of four, 1.72 in groups of eight).
 constexpr int kRowGroup = 8;
-
-#ifndef KVOPS_QUANT_AVX2
-using DotFn = float (*)(const uint8_t*, const ActBlock*, int64_t);
-
-template <int64_t kFormat, int R>
-void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, float* out) {
-  constexpr DotFn dot = kFormat == kQ8_0 ? dot_q8_0 : kFormat == kQ4_0 ? dot_q4_0
-                        : kFormat == kQ4_1 ? dot_q4_1 : dot_int8;
-  for (int r = 0; r < R; ++r) out[r] = dot(w, a[r], num_blocks);
-}
-#endif
 
 template <int64_t kFormat>
 RowsFn rows_fn(int rows) {
@@ -259,14 +235,8 @@ void quant_linear_cpu(
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(K % kBlock == 0, "quant_linear_cpu: K = ", K, " is not a multiple of 32");
   const int64_t num_blocks = K / kBlock;
-  int64_t block_bytes = 0;
-  switch (format) {
-    case kQ8_0: block_bytes = 34; break;
-    case kQ4_0: block_bytes = 18; break;
-    case kQ4_1: block_bytes = 20; break;
-    case kInt8: block_bytes = kBlock; break;
-    default: TORCH_CHECK(false, "quant_linear_cpu: unknown format code ", format);
-  }
+  const int64_t block_bytes = block_bytes_of(format);
+  TORCH_CHECK(block_bytes != 0, "quant_linear_cpu: unknown format code ", format);
   TORCH_CHECK(weight.size(1) == num_blocks * block_bytes, "quant_linear_cpu: weight rows of ",
               weight.size(1), " bytes do not hold K = ", K, " values of format ", format);
   const bool per_row_scale = format == kInt8;
@@ -317,9 +287,8 @@ void dequantize_cpu(
                   out.size(0) == weight.size(0) && out.size(1) % kBlock == 0,
               "dequantize_cpu: out must be a contiguous float32 [N, K] tensor");
   const int64_t N = out.size(0), K = out.size(1), num_blocks = K / kBlock;
-  const int64_t block_bytes =
-      format == kQ8_0 ? 34 : format == kQ4_0 ? 18 : format == kQ4_1 ? 20 : kBlock;
-  TORCH_CHECK(format >= kQ8_0 && format <= kInt8, "dequantize_cpu: unknown format code ", format);
+  const int64_t block_bytes = block_bytes_of(format);
+  TORCH_CHECK(block_bytes != 0, "dequantize_cpu: unknown format code ", format);
   TORCH_CHECK(weight.size(1) == num_blocks * block_bytes,
               "dequantize_cpu: weight rows do not hold K values");
   TORCH_CHECK(format != kInt8 || (scale.scalar_type() == at::kFloat && scale.numel() == N),
