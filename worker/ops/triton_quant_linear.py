@@ -101,6 +101,31 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # This program's output rows and columns, and which K split it sums.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.program_id(2)
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, UPCAST: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        # The interpreter keeps bfloat16 as raw integers and tl.dot on them is wrong (see
+        # triton_attention._dot); compute in float32 there. Compiled kernels never upcast.
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_partial(out_ptr, acc, split, offs_m, offs_n, M, N):
+    out = out_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _quant_matmul_kernel(
     x_ptr,
     q_ptr,  # the blocks as bytes (int8 for Q8_0's quants, uint8 for nibbles)
@@ -120,29 +145,18 @@ def _quant_matmul_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, split = _tile(BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = _x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, UPCAST)
         w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
         w = _dequantized_tile(
             q_ptr, h_ptr, row_bytes, offs_k[:, None], offs_n[None, :], w_mask, FMT, BLOCK_BYTES
         )
-        if UPCAST:
-            # The interpreter keeps bfloat16 as raw integers and tl.dot on them is wrong (see
-            # triton_attention._dot); compute in float32 there. Compiled kernels never upcast.
-            x = x.to(tl.float32)
         acc = _dot(x, w.to(x.dtype), acc, IEEE)
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_partial(out_ptr, acc, split, offs_m, offs_n, M, N)
 
 
 @triton.jit
@@ -163,28 +177,19 @@ def _int8_matmul_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, split = _tile(BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = _x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, UPCAST)
         w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
         w_addr = offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         w = tl.load(w_ptr + w_addr, mask=w_mask, other=0)
-        if UPCAST:
-            x = x.to(tl.float32)
         # int8 values are exact in bfloat16/float16: the scale is applied to the sum instead.
         acc = _dot(x, w.to(x.dtype), acc, IEEE)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc * scale[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_partial(out_ptr, acc * scale[None, :], split, offs_m, offs_n, M, N)
 
 
 INTERPRETED = type(_quant_matmul_kernel).__name__ == "InterpretedFunction"
