@@ -332,10 +332,7 @@ def load_model_weights(
     """
     dtype = _torch_dtype(dtype)
     device = torch.device(device)
-    if quantization != "auto" and quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"quantization must be auto or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
-        )
+    _check_requested(quantization)
     resolved = resolve_model(model)
     if resolved.startswith(DUMMY_PREFIX):
         fmt = _float_model_quantization(quantization, device, resolved)
@@ -349,14 +346,18 @@ def load_model_weights(
     return loaded
 
 
-def check_quantization(model: str, quantization: str, device: str | torch.device) -> str:
-    """The format `load_weights` would run `model` in, from the file's header alone (no weight
-    is read): raises the ValueError the load would, for a combination the file cannot give or a
-    device without a kernel for it (`kvops serve --check`)."""
+def _check_requested(quantization: str) -> None:
     if quantization != "auto" and quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization must be auto or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
         )
+
+
+def check_quantization(model: str, quantization: str, device: str | torch.device) -> str:
+    """The format `load_model_weights` would run `model` in, from the file's header alone (no weight
+    is read): raises the ValueError the load would, for a combination the file cannot give or a
+    device without a kernel for it (`kvops serve --check`)."""
+    _check_requested(quantization)
     device = torch.device(device)
     resolved = resolve_model(model)
     if resolved.startswith(DUMMY_PREFIX) or os.path.isdir(resolved):

@@ -40,7 +40,8 @@ WRITE = 256 << 10  # the largest pwrite (see _write)
 # Ranges in flight: two per CPU (one waits on the network while the other copies and hashes), at
 # most eight. On a 2-CPU machine eight streams spent their time spinning on the file's inode
 # lock and lost 10-25% against four (bench/results/README.md, model_pull).
-WORKERS = min(8, 2 * len(os.sched_getaffinity(0)))
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+WORKERS = min(8, 2 * (_CPUS or 1))  # (macOS has no sched_getaffinity)
 RETRIES = 4  # per range, with exponential backoff from RETRY_DELAY
 RETRY_DELAY = 0.2
 
@@ -113,18 +114,13 @@ class _OpenFile:
                 with self.lock:
                     if self.hashed not in self.done:
                         return
-                index = self.hashed
-                if os.fstat(self.fd).st_size < index * CHUNK + _chunk_len(self.remote.size, index):
+                start, length = self.hashed * CHUNK, _chunk_len(self.remote.size, self.hashed)
+                if os.fstat(self.fd).st_size < start + length:
                     # (a mapping past the end would kill the process with SIGBUS)
                     raise OSError(f"{self.temp}: shorter than its chunk log says")
                 # Hashed where the page cache holds it: reading it into a buffer first was a
                 # tenth of a pull's CPU (a copy of every byte) on a 2-core machine.
-                with mmap.mmap(
-                    self.fd,
-                    _chunk_len(self.remote.size, index),
-                    offset=index * CHUNK,
-                    access=mmap.ACCESS_READ,
-                ) as chunk:
+                with mmap.mmap(self.fd, length, offset=start, access=mmap.ACCESS_READ) as chunk:
                     self.hash.update(chunk)
                 self.hashed += 1
         finally:
