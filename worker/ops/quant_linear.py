@@ -3,7 +3,7 @@
 One decoded token reads every weight once, so on a CPU the bytes per weight set the speed of a
 single stream: SmolLM2's Q4_1 file is 98 MB, its float32 expansion 540 MB. `QuantizedLinear`
 computes on the stored blocks: on the CPU with the C++ kernel (``csrc/quant_linear_cpu.cpp``,
-activations quantized per 32-block to int8 as llama.cpp does), on CUDA with the Triton kernel
+activations rounded to integers per 256 values), on CUDA with the Triton kernel
 (``triton_quant_linear.quant_matmul``). `QuantizedEmbedding` dequantizes only the rows it looks
 up, so a tied embedding and language-model head share one quantized matrix.
 
@@ -13,6 +13,7 @@ the loader (weights.py) handed over as `QuantizedTensor`s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -22,16 +23,21 @@ from torch import nn
 
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
-# From this many rows the CPU expands the weight to float32 for one dense GEMM instead of the
-# integer dots, whose cost grows with the rows (each weight block is unpacked once per eight).
-# Measured on one thread at SmolLM2's shapes (bench/results/README.md, "quantized weights"): the
-# two cross near 64 rows (3072 x 576 Q4_1: 3.41 ms of dots against 3.55 for the expansion and
-# the GEMM; 576 x 1536: 1.63 against 1.60). A matrix whose float32 copy is larger than
-# DENSE_SCRATCH_BYTES gets fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head:
-# 70 ms for 113 MB), so it keeps the dots up to LARGE_DENSE_FROM_ROWS.
-DENSE_FROM_ROWS = 64
-LARGE_DENSE_FROM_ROWS = 128
+# With many activation rows (prefill) the CPU may expand the weight to float32 for one dense GEMM
+# instead of the integer dots: from `torch.ops.kvops.quant_dense_from_rows(format)` rows, which
+# the C++ build answers for its own instructions (with AVX512-VNNI the 4-bit formats never expand,
+# the 8-bit ones from 512 rows; with AVX2 all from 128). A matrix whose float32 copy is larger than
+# DENSE_SCRATCH_BYTES never expands: it would take fresh pages from the kernel at every call (the
+# 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
+
+
+@functools.cache
+def dense_from_rows(code: int) -> int:
+    """The rows from which the C++ build expands a weight of format `code` (a call per format:
+    a torch op costs microseconds, and a decode step makes hundreds of linear calls)."""
+    return torch.ops.kvops.quant_dense_from_rows(code)
+
 
 __all__ = [
     "QuantizedEmbedding",
@@ -84,7 +90,7 @@ class QuantizedLinear(nn.Module):
         self.code = FORMATS[weight.fmt].code
         self.out_features, self.in_features = weight.shape
         small = self.out_features * self.in_features * 4 <= DENSE_SCRATCH_BYTES
-        self.dense_from_rows = DENSE_FROM_ROWS if small else LARGE_DENSE_FROM_ROWS
+        self.may_expand = small
         # Buffers: they follow .to() and count in memory reports, but are not parameters.
         self.register_buffer("weight", weight.data, persistent=False)
         self.register_buffer(
@@ -103,7 +109,7 @@ class QuantizedLinear(nn.Module):
             y = triton_quant_linear.quant_matmul(
                 rows, self.weight, self.fmt, self.out_features, self.in_features, scale=scale
             )
-        elif rows.shape[0] >= self.dense_from_rows:
+        elif self.may_expand and rows.shape[0] >= dense_from_rows(self.code):
             dense = torch.empty(self.out_features, self.in_features)
             torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
             y = F.linear(rows.float(), dense)

@@ -3,13 +3,21 @@
 // Decoding one stream reads every weight once per token, so its speed is the bytes read: a
 // Q4_1 matrix is 5 bits a weight against float32's 32. The weights stay in their GGUF blocks
 // (the layout of worker/ops/quant_formats.py) and are never expanded to floats. The activations
-// are quantized per 32-value block to int16 with one float scale (llama.cpp uses int8; see
-// kActMax), so that a block's dot product is 32 integer products summed in integers (AVX2
-// vpmaddwd), scaled once by the two blocks' scales:
-//   Q8_0  w = d q            sum = dw da sum(qw qa)
-//   Q4_0  w = d (q - 8)      sum = dw da sum((qw - 8) qa)
-//   Q4_1  w = d q + m        sum = dw da sum(qw qa) + m da sum(qa)    (da sum(qa) kept per block)
-//   int8  w = s_row q        per 32-block: da sum(qw qa); times the row's scale at the end
+// are rounded to integers with one float scale per chunk of 256 values (8 weight blocks, as
+// llama.cpp's Q8_K), so that a block's dot product is 32 integer products summed in integers,
+// scaled by the weight block's scale; a chunk's blocks are summed in float and scaled once by
+// the activation's scale:
+//   Q8_0  w = d q            sum = da sum_b dw sum(qw qa)
+//   Q4_0  w = d (q - 8)      sum = da sum_b dw sum(qw qa) - 8 dw sa      (sa = da sum(qa), per block)
+//   Q4_1  w = d q + m        sum = da sum_b dw sum(qw qa) + m sa
+//   int8  w = s_row q        sum = da sum_b sum(qw qa); times the row's scale at the end
+// The 4-bit formats' weights are 0..15, so their activations are int8 (unsigned x signed byte
+// products: AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw); the 8-bit formats' are int16 (vpdpwssd,
+// vpmaddwd), because int8 activations cost Q8_0 its greedy agreement with float32 (see kActMax).
+// Where the products go is what bounds the speed: the CPU's two multiply pipes take the integer
+// dots and the float scaling, and a scale per chunk rather than per block leaves one fused
+// multiply-add per block and row (at 32 rows, 3072 x 576 Q4_1: 1.7 ms with int16 per block,
+// 1.1 with int8 per chunk).
 // Layouts:
 //   x       [M, K]           float32, contiguous, K a multiple of 32
 //   weight  [N, row_bytes]   uint8 GGUF blocks (int8 [N, K] for int8), contiguous
@@ -17,7 +25,7 @@
 //   out     [M, N]           float32, contiguous, written
 // Output rows are spread over torch's OpenMP threads (at::parallel_for). For M > 1 the rows are
 // taken in tiles, so a tile of weights is read from memory once and reused from L1 for every
-// activation row, and each weight block is unpacked once for a group of eight activation rows
+// activation row, and each weight block is unpacked once for a group of activation rows
 // (dot_rows).
 //
 // Registered as torch.ops.kvops.quant_linear_cpu; built together with paged_attention_cpu.cpp
@@ -32,16 +40,22 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KVOPS_QUANT_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KVOPS_QUANT_VNNI 1  // fused integer dots on 256-bit registers, and 32 of them
+#endif
 #endif
 
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kChunkBlocks = 8;  // weight blocks per activation scale
+constexpr int64_t kChunk = kBlock * kChunkBlocks;
 // The format codes of worker/ops/quant_formats.py (FORMATS[...].code).
 enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
 
@@ -49,16 +63,80 @@ enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
 constexpr int64_t block_bytes_of(int64_t format) {
   return format == kQ8_0 ? 34 : format == kQ4_0 ? 18 : format == kQ4_1 ? 20 : format == kInt8 ? kBlock : 0;
 }
-// Activations are rounded to int16 per block. int8, as llama.cpp rounds them, cost this model
-// too much: with Q8_0 weights, 8 of the 9 exactness prompts left the float32 reference's greedy
-// path within 48 tokens (4 with float activations), at logprob margins up to 0.37 nats.
-constexpr float kActMax = 32767.f;
+constexpr bool is_4bit(int64_t format) { return format == kQ4_0 || format == kQ4_1; }
 
-// One block of 32 activations as int16: x ~= d * q; s = d * sum(q) (for Q4_1's minimum).
-struct ActBlock {
-  float d;
-  float s;
-  int16_t q[kBlock];
+// The integer type a format's activations are rounded to, and its largest magnitude. int8 for
+// the 8-bit weight formats cost this model too much: with Q8_0 weights, 8 of the 9 exactness
+// prompts left the float32 reference's greedy path within 48 tokens (4 with float activations),
+// at logprob margins up to 0.37 nats; int16 keeps it at the same 4.
+template <int64_t kFormat>
+using ActInt = std::conditional_t<is_4bit(kFormat), int8_t, int16_t>;
+template <typename Q>
+constexpr float kActMax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
+
+// The 4-bit formats' offset terms (block offset times sa) of eight rows are summed as the lanes
+// of one vector per block, so the block sums sa of rows 8g..8g+7 lie together: [block][8].
+constexpr int64_t kSumLanes = 8;
+
+// The rows of one dot_rows call, as rounded: x ~= d[c] * q within chunk c of a row; s holds
+// the block sums of the rows' group of eight, the first row being lane `lane`.
+template <typename Q>
+struct ActGroup {
+  const Q* q[kSumLanes];
+  const float* d[kSumLanes];
+  const float* s;
+  int64_t lane;
+};
+
+// The rounded activations of M rows, owning their storage.
+template <typename Q>
+class Activations {
+ public:
+  Activations(int64_t rows, int64_t num_blocks)
+      : num_blocks_(num_blocks),
+        num_chunks_((num_blocks + kChunkBlocks - 1) / kChunkBlocks),
+        q_(static_cast<size_t>(rows * num_blocks * kBlock)),
+        d_(static_cast<size_t>(rows * num_chunks_)),
+        s_(static_cast<size_t>((rows + kSumLanes - 1) / kSumLanes * num_blocks * kSumLanes), 0.f) {}
+
+  // Rows m .. m + rows - 1, within one group of eight.
+  ActGroup<Q> group(int64_t m, int rows) const {
+    ActGroup<Q> g{};
+    for (int r = 0; r < rows; ++r) {
+      g.q[r] = q_.data() + (m + r) * num_blocks_ * kBlock;
+      g.d[r] = d_.data() + (m + r) * num_chunks_;
+    }
+    g.s = s_.data() + m / kSumLanes * num_blocks_ * kSumLanes;
+    g.lane = m % kSumLanes;
+    return g;
+  }
+
+  void round_row(int64_t m, const float* x) {
+    Q* q = q_.data() + m * num_blocks_ * kBlock;
+    float* s = s_.data() + m / kSumLanes * num_blocks_ * kSumLanes + m % kSumLanes;
+    for (int64_t c = 0; c < num_chunks_; ++c) {
+      const int64_t first = c * kChunk, last = std::min(first + kChunk, num_blocks_ * kBlock);
+      float amax = 0.f;
+      for (int64_t j = first; j < last; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float scale = amax / kActMax<Q>;
+      const float inverse = scale != 0.f ? 1.f / scale : 0.f;
+      for (int64_t b = first / kBlock; b < last / kBlock; ++b) {
+        int sum = 0;
+        for (int64_t j = b * kBlock; j < (b + 1) * kBlock; ++j) {
+          const int v = static_cast<int>(std::nearbyint(x[j] * inverse));
+          q[j] = static_cast<Q>(v);
+          sum += v;
+        }
+        s[b * kSumLanes] = scale * static_cast<float>(sum);
+      }
+      d_[m * num_chunks_ + c] = scale;
+    }
+  }
+
+ private:
+  int64_t num_blocks_, num_chunks_;
+  std::vector<Q> q_;
+  std::vector<float> d_, s_;
 };
 
 inline float half_to_float(const uint8_t* p) {
@@ -71,22 +149,21 @@ inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-void quantize_row(const float* x, int64_t num_blocks, ActBlock* out) {
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const float* v = x + b * kBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(v[j]));
-    const float d = amax / kActMax;
-    const float inverse = d != 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      const int q = static_cast<int>(std::nearbyint(v[j] * inverse));
-      out[b].q[j] = static_cast<int16_t>(q);
-      sum += q;
-    }
-    out[b].d = d;
-    out[b].s = d * static_cast<float>(sum);
-  }
+// A weight block's scale and the per-block term its offset adds (times sa): Q4_1's minimum m,
+// Q4_0's -8 d; int8's row scale is applied by the caller.
+template <int64_t kFormat>
+inline float block_scale(const uint8_t* w) {
+  return kFormat == kInt8 ? 1.f : half_to_float(w);
+}
+template <int64_t kFormat>
+inline float block_offset(const uint8_t* w) {
+  if constexpr (kFormat == kQ4_1) return half_to_float(w + 2);
+  if constexpr (kFormat == kQ4_0) return -8.f * half_to_float(w);
+  return 0.f;
+}
+template <int64_t kFormat>
+inline const uint8_t* block_values(const uint8_t* w) {
+  return w + (kFormat == kQ8_0 || kFormat == kQ4_0 ? 2 : kFormat == kQ4_1 ? 4 : 0);
 }
 
 #ifdef KVOPS_QUANT_AVX2
@@ -98,129 +175,174 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// A block's 32 weights (two registers of 16 int16) times its 32 activations, summed into eight
-// int32 lanes (at most 32 * 255 * 32767 in all: no overflow), as floats.
-inline __m256 dot_block(__m256i w_low, __m256i w_high, const int16_t* a) {
-  const __m256i low = _mm256_madd_epi16(w_low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-  const __m256i high =
-      _mm256_madd_epi16(w_high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16)));
-  return _mm256_cvtepi32_ps(_mm256_add_epi32(low, high));
+// A weight block unpacked for the integer dots: the 4-bit formats' 32 values 0..15 as bytes
+// (values 0-15 in the low half, 16-31 in the high half, as the activations lie), the 8-bit
+// formats' as two registers of 16 int16.
+struct Unpacked {
+  __m256i low, high;
+};
+
+template <int64_t kFormat>
+inline Unpacked unpack(const uint8_t* w) {
+  const uint8_t* q = block_values<kFormat>(w);
+  if constexpr (is_4bit(kFormat)) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return {_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_setzero_si256()};
+  } else {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))};
+  }
+}
+
+// The block's 32 products with the activations summed into eight int32 lanes (no overflow:
+// 32 * 15 * 127 for the 4-bit formats, 32 * 128 * 32767 for the 8-bit ones).
+template <int64_t kFormat>
+inline __m256i dot_block(const Unpacked& w, const ActInt<kFormat>* a) {
+  const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  if constexpr (is_4bit(kFormat)) {
+#ifdef KVOPS_QUANT_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.low, a0);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.low, a0), _mm256_set1_epi16(1));
+#endif
+  } else {
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
+#ifdef KVOPS_QUANT_VNNI
+    return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), w.low, a0), w.high, a1);
+#else
+    return _mm256_add_epi32(_mm256_madd_epi16(w.low, a0), _mm256_madd_epi16(w.high, a1));
+#endif
+  }
 }
 
 // One weight row against up to kRowGroup activation rows: each block is unpacked once and used
-// for every row (a row at a time, unpacking was about half of the work at 32 rows). Every row
-// gets the same operations in the same order whatever R is, so a row's result does not depend
-// on the rows grouped with it.
+// for every row. Every row gets the same operations in the same order whatever R is, so a
+// row's result does not depend on the rows grouped with it.
 template <int64_t kFormat, int R>
-void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, float* out) {
+void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_blocks, float* out) {
+  constexpr int64_t bytes = block_bytes_of(kFormat);
   __m256 acc[R];
-  float minimums[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    minimums[r] = 0.f;
-  }
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < num_blocks; ++b, w += block_bytes_of(kFormat)) {
-    __m256i low, high;
-    float dw = 1.f;  // int8: the row's scale is applied by the caller
-    if constexpr (kFormat == kQ8_0 || kFormat == kInt8) {
-      const uint8_t* q = kFormat == kQ8_0 ? w + 2 : w;
-      low = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      high = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      if constexpr (kFormat == kQ8_0) dw = half_to_float(w);
-    } else {
-      const __m128i packed =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (kFormat == kQ4_0 ? 2 : 4)));
-      low = _mm256_cvtepu8_epi16(_mm_and_si128(packed, mask));
-      high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));
-      if constexpr (kFormat == kQ4_0) {
-        const __m256i eight = _mm256_set1_epi16(8);
-        low = _mm256_sub_epi16(low, eight);
-        high = _mm256_sub_epi16(high, eight);
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();  // lane l: the offset terms of row l of the group
+  for (int64_t first = 0; first < num_blocks; first += kChunkBlocks) {
+    const int64_t last = std::min(first + kChunkBlocks, num_blocks);
+    __m256 part[R];
+    for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+    for (int64_t b = first; b < last; ++b) {
+      const uint8_t* wb = w + b * bytes;
+      const Unpacked unpacked = unpack<kFormat>(wb);
+      const __m256 dw = _mm256_set1_ps(block_scale<kFormat>(wb));
+      for (int r = 0; r < R; ++r) {
+        const __m256i sum = dot_block<kFormat>(unpacked, a.q[r] + b * kBlock);
+        part[r] = _mm256_fmadd_ps(dw, _mm256_cvtepi32_ps(sum), part[r]);
       }
-      dw = half_to_float(w);
+      if constexpr (is_4bit(kFormat))
+        offsets = _mm256_fmadd_ps(_mm256_set1_ps(block_offset<kFormat>(wb)),
+                                  _mm256_loadu_ps(a.s + b * kSumLanes), offsets);
     }
-    float m = 0.f;
-    if constexpr (kFormat == kQ4_1) m = half_to_float(w + 2);
-    for (int r = 0; r < R; ++r) {
-      const ActBlock& block = a[r][b];
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * block.d), dot_block(low, high, block.q), acc[r]);
-      if constexpr (kFormat == kQ4_1) minimums[r] += m * block.s;
-    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(part[r], _mm256_broadcast_ss(a.d[r] + first / kChunkBlocks), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + minimums[r];
+  alignas(32) float offset_sums[kSumLanes];
+  _mm256_store_ps(offset_sums, offsets);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset_sums[a.lane + r];
 }
+
+#ifdef KVOPS_QUANT_VNNI
+constexpr int kRowGroup = 8;  // 2 x 8 accumulators and the unpacked block fit 32 registers
+#else
+constexpr int kRowGroup = 4;  // ... and 2 x 4 fit AVX2's 16
+#endif
 
 #else  // portable C++: the same sums, one value at a time
 
-inline int sum_products(const int8_t* w, const int16_t* a) {
-  int s = 0;
-  for (int j = 0; j < kBlock; ++j) s += int(w[j]) * int(a[j]);
-  return s;
-}
-
-inline void unpack_nibbles(const uint8_t* p, int offset, int8_t* out) {
+template <int64_t kFormat>
+inline void unpack_values(const uint8_t* w, int32_t* q) {
+  const uint8_t* v = block_values<kFormat>(w);
   for (int j = 0; j < 16; ++j) {
-    out[j] = static_cast<int8_t>((p[j] & 0x0F) - offset);
-    out[j + 16] = static_cast<int8_t>((p[j] >> 4) - offset);
+    if constexpr (is_4bit(kFormat)) {
+      q[j] = v[j] & 0x0F;
+      q[j + 16] = v[j] >> 4;
+    } else {
+      q[j] = static_cast<int8_t>(v[j]);
+      q[j + 16] = static_cast<int8_t>(v[j + 16]);
+    }
   }
 }
 
 template <int64_t kFormat, int R>
-void dot_rows(const uint8_t* w, const ActBlock* const* a, int64_t num_blocks, float* out) {
-  float acc[R] = {};
-  int8_t q[kBlock];
-  for (int64_t b = 0; b < num_blocks; ++b, w += block_bytes_of(kFormat)) {
-    float dw = 1.f;  // int8: the row's scale is applied by the caller
-    if constexpr (kFormat == kQ8_0 || kFormat == kInt8) {
-      std::memcpy(q, kFormat == kQ8_0 ? w + 2 : w, kBlock);
-    } else {
-      unpack_nibbles(w + (kFormat == kQ4_0 ? 2 : 4), kFormat == kQ4_0 ? 8 : 0, q);
+void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_blocks, float* out) {
+  constexpr int64_t bytes = block_bytes_of(kFormat);
+  float acc[R] = {}, offsets[R] = {};
+  int32_t q[kBlock];
+  for (int64_t first = 0; first < num_blocks; first += kChunkBlocks) {
+    const int64_t last = std::min(first + kChunkBlocks, num_blocks);
+    float part[R] = {};
+    for (int64_t b = first; b < last; ++b) {
+      const uint8_t* wb = w + b * bytes;
+      unpack_values<kFormat>(wb, q);
+      const float dw = block_scale<kFormat>(wb), offset = block_offset<kFormat>(wb);
+      for (int r = 0; r < R; ++r) {
+        int32_t sum = 0;
+        for (int j = 0; j < kBlock; ++j) sum += q[j] * int32_t(a.q[r][b * kBlock + j]);
+        part[r] += dw * float(sum);
+        offsets[r] += offset * a.s[b * kSumLanes + a.lane + r];
+      }
     }
-    if constexpr (kFormat != kInt8) dw = half_to_float(w);
-    for (int r = 0; r < R; ++r) {
-      const ActBlock& block = a[r][b];
-      acc[r] += dw * block.d * float(sum_products(q, block.q));
-      if constexpr (kFormat == kQ4_1) acc[r] += half_to_float(w + 2) * block.s;
-    }
+    for (int r = 0; r < R; ++r) acc[r] += part[r] * a.d[r][first / kChunkBlocks];
   }
-  for (int r = 0; r < R; ++r) out[r] = acc[r];
+  for (int r = 0; r < R; ++r) out[r] = acc[r] + offsets[r];
 }
+
+constexpr int kRowGroup = 8;
 
 #endif
 
-using RowsFn = void (*)(const uint8_t*, const ActBlock* const*, int64_t, float*);
-
-// Activation rows per call of a RowsFn: eight accumulators and the unpacked block fit AVX2's
-// sixteen registers (at 32 rows, 3072 x 576 Q4_1 on one thread: 2.97 ms a row at a time, 1.93
-// in groups of four, 1.72 in groups of eight).
-constexpr int kRowGroup = 8;
-
 template <int64_t kFormat>
-RowsFn rows_fn(int rows) {
-  switch (rows) {
-    case 1: return dot_rows<kFormat, 1>;
-    case 2: return dot_rows<kFormat, 2>;
-    case 3: return dot_rows<kFormat, 3>;
-    case 4: return dot_rows<kFormat, 4>;
-    case 5: return dot_rows<kFormat, 5>;
-    case 6: return dot_rows<kFormat, 6>;
-    case 7: return dot_rows<kFormat, 7>;
-    default: return dot_rows<kFormat, 8>;
-  }
-}
+using RowsFn = void (*)(const uint8_t*, const ActGroup<ActInt<kFormat>>&, int64_t, float*);
 
-RowsFn rows_fn(int64_t format, int rows) {
-  switch (format) {
-    case kQ8_0: return rows_fn<kQ8_0>(rows);
-    case kQ4_0: return rows_fn<kQ4_0>(rows);
-    case kQ4_1: return rows_fn<kQ4_1>(rows);
-    default: return rows_fn<kInt8>(rows);
+// The kernel for a group of `rows` activation rows (1 to R).
+static_assert(kSumLanes % kRowGroup == 0, "a row group lies within one group of eight");
+
+template <int64_t kFormat, int R = kRowGroup>
+RowsFn<kFormat> rows_fn(int rows) {
+  if constexpr (R == 1) {
+    return dot_rows<kFormat, 1>;
+  } else {
+    return rows >= R ? dot_rows<kFormat, R> : rows_fn<kFormat, R - 1>(rows);
   }
 }
 
 // Output rows per tile when M > 1: 16 rows of a 576-wide Q8_0 matrix are 10 KiB, within L1.
 constexpr int64_t kRowTile = 16;
+
+template <int64_t kFormat>
+void multiply(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+              const float* row_scale, float* out) {
+  const int64_t num_blocks = K / kBlock, row_bytes = num_blocks * block_bytes_of(kFormat);
+  Activations<ActInt<kFormat>> act(M, num_blocks);
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) act.round_row(m, x + m * K);
+  });
+  // Small grains so that both threads work on the smallest decode projections (192 rows).
+  at::parallel_for(0, N, kRowTile, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; tile += kRowTile) {
+      const int64_t tile_end = std::min(tile + kRowTile, end);
+      for (int64_t m = 0; m < M; m += kRowGroup) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, M - m));
+        const RowsFn<kFormat> dot_group = rows_fn<kFormat>(rows);
+        const ActGroup<ActInt<kFormat>> a = act.group(m, rows);
+        float y[kRowGroup];
+        for (int64_t n = tile; n < tile_end; ++n) {
+          dot_group(w + n * row_bytes, a, num_blocks, y);
+          for (int r = 0; r < rows; ++r)
+            out[(m + r) * N + n] = row_scale ? y[r] * row_scale[n] : y[r];
+        }
+      }
+    }
+  });
+}
 
 void quant_linear_cpu(
     const at::Tensor& x,
@@ -247,34 +369,16 @@ void quant_linear_cpu(
                   out.size(1) == N,
               "quant_linear_cpu: out must be a contiguous float32 [M, N] tensor");
 
-  std::vector<ActBlock> act(static_cast<size_t>(M * num_blocks));
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      quantize_row(xp + m * K, num_blocks, act.data() + m * num_blocks);
-  });
-
   const uint8_t* wp = static_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = per_row_scale ? scale.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t row_bytes = num_blocks * block_bytes;
-  // Small grains so that both threads work on the smallest decode projections (192 rows).
-  at::parallel_for(0, N, kRowTile, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; tile += kRowTile) {
-      const int64_t tile_end = std::min(tile + kRowTile, end);
-      for (int64_t m = 0; m < M; m += kRowGroup) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, M - m));
-        const RowsFn dot_group = rows_fn(format, rows);
-        const ActBlock* a[kRowGroup];
-        for (int r = 0; r < rows; ++r) a[r] = act.data() + (m + r) * num_blocks;
-        float y[kRowGroup];
-        for (int64_t n = tile; n < tile_end; ++n) {
-          dot_group(wp + n * row_bytes, a, num_blocks, y);
-          for (int r = 0; r < rows; ++r) op[(m + r) * N + n] = sp ? y[r] * sp[n] : y[r];
-        }
-      }
-    }
-  });
+  switch (format) {
+    case kQ8_0: return multiply<kQ8_0>(xp, M, K, wp, N, sp, op);
+    case kQ4_0: return multiply<kQ4_0>(xp, M, K, wp, N, sp, op);
+    case kQ4_1: return multiply<kQ4_1>(xp, M, K, wp, N, sp, op);
+    default: return multiply<kInt8>(xp, M, K, wp, N, sp, op);
+  }
 }
 
 // The float32 matrix [N, K] of a quantized weight, for a GEMM library at prefill sizes: with
@@ -321,6 +425,23 @@ void dequantize_cpu(
   });
 }
 
+// From how many activation rows expanding the weight to float32 for one dense GEMM beats this
+// build's integer dots (INT64_MAX: never). Measured on one thread at SmolLM2's shapes
+// (bench/results/README.md, "quantized weights"), 3072 x 576:
+// - AVX512-VNNI: the 4-bit formats' dots stay ahead up to 2048 rows (71.6 against 77.2 ms); the
+//   8-bit formats' (int16) break even near 512 rows (Q8_0 19.7 against 19.3 ms);
+// - AVX2: all formats break even near 128 rows (Q4_1 5.7 against 5.5 ms);
+// - portable C++: the dots win at one row only (Q4_1 0.65 against 1.35 ms; 4 rows 1.96 vs 1.47).
+int64_t quant_dense_from_rows(int64_t format) {
+#if defined(KVOPS_QUANT_VNNI)
+  return is_4bit(format) ? INT64_MAX : 512;
+#elif defined(KVOPS_QUANT_AVX2)
+  return 128;
+#else
+  return 2;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvops, m) {
@@ -328,6 +449,7 @@ TORCH_LIBRARY_FRAGMENT(kvops, m) {
       "quant_linear_cpu(Tensor x, Tensor weight, Tensor scale, int format, Tensor(a!) out) "
       "-> ()");
   m.def("dequantize_cpu(Tensor weight, Tensor scale, int format, Tensor(a!) out) -> ()");
+  m.def("quant_dense_from_rows(int format) -> int", &quant_dense_from_rows);
 }
 
 TORCH_LIBRARY_IMPL(kvops, CPU, m) {
