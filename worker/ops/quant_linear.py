@@ -3,7 +3,7 @@
 One decoded token reads every weight once, so on a CPU the bytes per weight set the speed of a
 single stream: SmolLM2's Q4_1 file is 98 MB, its float32 expansion 540 MB. `QuantizedLinear`
 computes on the stored blocks: on the CPU with the C++ kernel (``csrc/quant_linear_cpu.cpp``,
-activations rounded to integers per 256 values), on CUDA with the Triton kernel
+activations rounded to int16 per 256 values), on CUDA with the Triton kernel
 (``triton_quant_linear.quant_matmul``). `QuantizedEmbedding` dequantizes only the rows it looks
 up, so a tied embedding and language-model head share one quantized matrix.
 
@@ -23,20 +23,20 @@ from torch import nn
 
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
-# With many activation rows (prefill) the CPU may expand the weight to float32 for one dense GEMM
-# instead of the integer dots: from `torch.ops.kvops.quant_dense_from_rows(format)` rows, which
-# the C++ build answers for its own instructions (with AVX512-VNNI the 4-bit formats never expand,
-# the 8-bit ones from 512 rows; with AVX2 all from 128). A matrix whose float32 copy is larger than
-# DENSE_SCRATCH_BYTES never expands: it would take fresh pages from the kernel at every call (the
-# 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms of dots).
+# With many activation rows (prefill) the CPU expands the weight to float32 for one dense GEMM
+# instead of the integer dots: from `torch.ops.kvops.quant_dense_from_rows()` rows, which the
+# C++ build answers for its own instructions (256 with AVX512-VNNI, 128 with AVX2). A matrix
+# whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands: it would take fresh pages
+# from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms
+# of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
 
 
 @functools.cache
-def dense_from_rows(code: int) -> int:
-    """The rows from which the C++ build expands a weight of format `code` (a call per format:
-    a torch op costs microseconds, and a decode step makes hundreds of linear calls)."""
-    return torch.ops.kvops.quant_dense_from_rows(code)
+def dense_from_rows() -> int:
+    """The rows from which the C++ build expands a weight (asked once: a torch op costs
+    microseconds, and a decode step makes hundreds of linear calls)."""
+    return torch.ops.kvops.quant_dense_from_rows()
 
 
 __all__ = [
@@ -109,7 +109,7 @@ class QuantizedLinear(nn.Module):
             y = triton_quant_linear.quant_matmul(
                 rows, self.weight, self.fmt, self.out_features, self.in_features, scale=scale
             )
-        elif self.may_expand and rows.shape[0] >= dense_from_rows(self.code):
+        elif self.may_expand and rows.shape[0] >= dense_from_rows():
             dense = torch.empty(self.out_features, self.in_features)
             torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
             y = F.linear(rows.float(), dense)

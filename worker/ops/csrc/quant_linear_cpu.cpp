@@ -3,21 +3,17 @@
 // Decoding one stream reads every weight once per token, so its speed is the bytes read: a
 // Q4_1 matrix is 5 bits a weight against float32's 32. The weights stay in their GGUF blocks
 // (the layout of worker/ops/quant_formats.py) and are never expanded to floats. The activations
-// are rounded to integers with one float scale per chunk of 256 values (8 weight blocks, as
-// llama.cpp's Q8_K), so that a block's dot product is 32 integer products summed in integers,
-// scaled by the weight block's scale; a chunk's blocks are summed in float and scaled once by
-// the activation's scale:
+// are rounded to int16 with one float scale per chunk of 256 values (8 weight blocks, as
+// llama.cpp's Q8_K), so that a block's dot product is 32 integer products summed in integers
+// (AVX512-VNNI vpdpwssd, AVX2 vpmaddwd), scaled by the weight block's scale; a chunk's blocks
+// are summed in float and scaled once by the activation's scale:
 //   Q8_0  w = d q            sum = da sum_b dw sum(qw qa)
 //   Q4_0  w = d (q - 8)      sum = da sum_b dw sum(qw qa) - 8 dw sa      (sa = da sum(qa), per block)
 //   Q4_1  w = d q + m        sum = da sum_b dw sum(qw qa) + m sa
 //   int8  w = s_row q        sum = da sum_b sum(qw qa); times the row's scale at the end
-// The 4-bit formats' weights are 0..15, so their activations are int8 (unsigned x signed byte
-// products: AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw); the 8-bit formats' are int16 (vpdpwssd,
-// vpmaddwd), because int8 activations cost Q8_0 its greedy agreement with float32 (see kActMax).
-// Where the products go is what bounds the speed: the CPU's two multiply pipes take the integer
-// dots and the float scaling, and a scale per chunk rather than per block leaves one fused
-// multiply-add per block and row (at 32 rows, 3072 x 576 Q4_1: 1.7 ms with int16 per block,
-// 1.1 with int8 per chunk).
+// What bounds the speed is the CPU's two multiply pipes, which take the integer dots and the
+// float scaling alike: a scale per chunk rather than per block leaves one fused multiply-add per
+// block and row (3072 x 576 Q4_1 at 32 rows: 1.89 ms with a scale per block, 1.38 per chunk).
 // Layouts:
 //   x       [M, K]           float32, contiguous, K a multiple of 32
 //   weight  [N, row_bytes]   uint8 GGUF blocks (int8 [N, K] for int8), contiguous
@@ -40,7 +36,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -55,7 +50,6 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kChunkBlocks = 8;  // weight blocks per activation scale
-constexpr int64_t kChunk = kBlock * kChunkBlocks;
 // The format codes of worker/ops/quant_formats.py (FORMATS[...].code).
 enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
 
@@ -65,14 +59,11 @@ constexpr int64_t block_bytes_of(int64_t format) {
 }
 constexpr bool is_4bit(int64_t format) { return format == kQ4_0 || format == kQ4_1; }
 
-// The integer type a format's activations are rounded to, and its largest magnitude. int8 for
-// the 8-bit weight formats cost this model too much: with Q8_0 weights, 8 of the 9 exactness
-// prompts left the float32 reference's greedy path within 48 tokens (4 with float activations),
-// at logprob margins up to 0.37 nats; int16 keeps it at the same 4.
-template <int64_t kFormat>
-using ActInt = std::conditional_t<is_4bit(kFormat), int8_t, int16_t>;
-template <typename Q>
-constexpr float kActMax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
+// Activations are int16. int8, as llama.cpp rounds them, cost this model too much: perplexity
+// with the Q4_1 file +0.40% over float32 with a scale per 32 values (llama.cpp's own: +0.30%),
+// +1.01% per 256 (int16 per 256: +0.001%); and with Q8_0 weights 8 of the 9 exactness prompts
+// left the float32 reference's greedy path within 48 tokens (4 with float activations or int16).
+constexpr float kActMax = 32767.f;
 
 // The 4-bit formats' offset terms (block offset times sa) of eight rows are summed as the lanes
 // of one vector per block, so the block sums sa of rows 8g..8g+7 lie together: [block][8].
@@ -80,16 +71,14 @@ constexpr int64_t kSumLanes = 8;
 
 // The rows of one dot_rows call, as rounded: x ~= d[c] * q within chunk c of a row; s holds
 // the block sums of the rows' group of eight, the first row being lane `lane`.
-template <typename Q>
 struct ActGroup {
-  const Q* q[kSumLanes];
+  const int16_t* q[kSumLanes];
   const float* d[kSumLanes];
   const float* s;
   int64_t lane;
 };
 
 // The rounded activations of M rows, owning their storage.
-template <typename Q>
 class Activations {
  public:
   Activations(int64_t rows, int64_t num_blocks)
@@ -100,8 +89,8 @@ class Activations {
         s_(static_cast<size_t>((rows + kSumLanes - 1) / kSumLanes * num_blocks * kSumLanes), 0.f) {}
 
   // Rows m .. m + rows - 1, within one group of eight.
-  ActGroup<Q> group(int64_t m, int rows) const {
-    ActGroup<Q> g{};
+  ActGroup group(int64_t m, int rows) const {
+    ActGroup g{};
     for (int r = 0; r < rows; ++r) {
       g.q[r] = q_.data() + (m + r) * num_blocks_ * kBlock;
       g.d[r] = d_.data() + (m + r) * num_chunks_;
@@ -112,19 +101,20 @@ class Activations {
   }
 
   void round_row(int64_t m, const float* x) {
-    Q* q = q_.data() + m * num_blocks_ * kBlock;
+    int16_t* q = q_.data() + m * num_blocks_ * kBlock;
     float* s = s_.data() + m / kSumLanes * num_blocks_ * kSumLanes + m % kSumLanes;
     for (int64_t c = 0; c < num_chunks_; ++c) {
-      const int64_t first = c * kChunk, last = std::min(first + kChunk, num_blocks_ * kBlock);
+      const int64_t first = c * kChunkBlocks * kBlock;
+      const int64_t last = std::min(first + kChunkBlocks * kBlock, num_blocks_ * kBlock);
       float amax = 0.f;
       for (int64_t j = first; j < last; ++j) amax = std::max(amax, std::fabs(x[j]));
-      const float scale = amax / kActMax<Q>;
+      const float scale = amax / kActMax;
       const float inverse = scale != 0.f ? 1.f / scale : 0.f;
       for (int64_t b = first / kBlock; b < last / kBlock; ++b) {
         int sum = 0;
         for (int64_t j = b * kBlock; j < (b + 1) * kBlock; ++j) {
           const int v = static_cast<int>(std::nearbyint(x[j] * inverse));
-          q[j] = static_cast<Q>(v);
+          q[j] = static_cast<int16_t>(v);
           sum += v;
         }
         s[b * kSumLanes] = scale * static_cast<float>(sum);
@@ -135,7 +125,7 @@ class Activations {
 
  private:
   int64_t num_blocks_, num_chunks_;
-  std::vector<Q> q_;
+  std::vector<int16_t> q_;
   std::vector<float> d_, s_;
 };
 
@@ -175,9 +165,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// A weight block unpacked for the integer dots: the 4-bit formats' 32 values 0..15 as bytes
-// (values 0-15 in the low half, 16-31 in the high half, as the activations lie), the 8-bit
-// formats' as two registers of 16 int16.
+// A weight block's 32 values unpacked for the integer dots: two registers of 16 int16.
 struct Unpacked {
   __m256i low, high;
 };
@@ -187,40 +175,32 @@ inline Unpacked unpack(const uint8_t* w) {
   const uint8_t* q = block_values<kFormat>(w);
   if constexpr (is_4bit(kFormat)) {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return {_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_setzero_si256()};
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return {_mm256_cvtepu8_epi16(_mm_and_si128(packed, mask)),
+            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask))};
   } else {
     return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))};
   }
 }
 
-// The block's 32 products with the activations summed into eight int32 lanes (no overflow:
-// 32 * 15 * 127 for the 4-bit formats, 32 * 128 * 32767 for the 8-bit ones).
-template <int64_t kFormat>
-inline __m256i dot_block(const Unpacked& w, const ActInt<kFormat>* a) {
+// The block's 32 products with the activations summed into eight int32 lanes (at most
+// 32 * 128 * 32767 in all: no overflow).
+inline __m256i dot_block(const Unpacked& w, const int16_t* a) {
   const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  if constexpr (is_4bit(kFormat)) {
+  const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
 #ifdef KVOPS_QUANT_VNNI
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.low, a0);
+  return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), w.low, a0), w.high, a1);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.low, a0), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(_mm256_madd_epi16(w.low, a0), _mm256_madd_epi16(w.high, a1));
 #endif
-  } else {
-    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
-#ifdef KVOPS_QUANT_VNNI
-    return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), w.low, a0), w.high, a1);
-#else
-    return _mm256_add_epi32(_mm256_madd_epi16(w.low, a0), _mm256_madd_epi16(w.high, a1));
-#endif
-  }
 }
 
 // One weight row against up to kRowGroup activation rows: each block is unpacked once and used
 // for every row. Every row gets the same operations in the same order whatever R is, so a
 // row's result does not depend on the rows grouped with it.
 template <int64_t kFormat, int R>
-void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_blocks, float* out) {
+void dot_rows(const uint8_t* w, const ActGroup& a, int64_t num_blocks, float* out) {
   constexpr int64_t bytes = block_bytes_of(kFormat);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -234,7 +214,7 @@ void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_
       const Unpacked unpacked = unpack<kFormat>(wb);
       const __m256 dw = _mm256_set1_ps(block_scale<kFormat>(wb));
       for (int r = 0; r < R; ++r) {
-        const __m256i sum = dot_block<kFormat>(unpacked, a.q[r] + b * kBlock);
+        const __m256i sum = dot_block(unpacked, a.q[r] + b * kBlock);
         part[r] = _mm256_fmadd_ps(dw, _mm256_cvtepi32_ps(sum), part[r]);
       }
       if constexpr (is_4bit(kFormat))
@@ -252,7 +232,7 @@ void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_
 #ifdef KVOPS_QUANT_VNNI
 constexpr int kRowGroup = 8;  // 2 x 8 accumulators and the unpacked block fit 32 registers
 #else
-constexpr int kRowGroup = 4;  // ... and 2 x 4 fit AVX2's 16
+constexpr int kRowGroup = 4;  // ... and 2 x 4 fit AVX2's 16 (8 rows: 10% slower, spilling)
 #endif
 
 #else  // portable C++: the same sums, one value at a time
@@ -272,7 +252,7 @@ inline void unpack_values(const uint8_t* w, int32_t* q) {
 }
 
 template <int64_t kFormat, int R>
-void dot_rows(const uint8_t* w, const ActGroup<ActInt<kFormat>>& a, int64_t num_blocks, float* out) {
+void dot_rows(const uint8_t* w, const ActGroup& a, int64_t num_blocks, float* out) {
   constexpr int64_t bytes = block_bytes_of(kFormat);
   float acc[R] = {}, offsets[R] = {};
   int32_t q[kBlock];
@@ -300,7 +280,7 @@ constexpr int kRowGroup = 8;
 #endif
 
 template <int64_t kFormat>
-using RowsFn = void (*)(const uint8_t*, const ActGroup<ActInt<kFormat>>&, int64_t, float*);
+using RowsFn = void (*)(const uint8_t*, const ActGroup&, int64_t, float*);
 
 // The kernel for a group of `rows` activation rows (1 to R).
 static_assert(kSumLanes % kRowGroup == 0, "a row group lies within one group of eight");
@@ -325,7 +305,7 @@ template <int64_t kFormat>
 void multiply(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
               const float* row_scale, float* out) {
   const int64_t num_blocks = K / kBlock, row_bytes = num_blocks * block_bytes_of(kFormat);
-  Activations<ActInt<kFormat>> act(M, num_blocks);
+  Activations act(M, num_blocks);
   at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) act.round_row(m, x + m * K);
   });
@@ -338,7 +318,7 @@ void multiply(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
         for (int64_t m = block; m < block_end; m += kRowGroup) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, block_end - m));
           const RowsFn<kFormat> dot_group = rows_fn<kFormat>(rows);
-          const ActGroup<ActInt<kFormat>> a = act.group(m, rows);
+          const ActGroup a = act.group(m, rows);
           float y[kRowGroup];
           for (int64_t n = tile; n < tile_end; ++n) {
             dot_group(w + n * row_bytes, a, num_blocks, y);
@@ -432,16 +412,15 @@ void dequantize_cpu(
   });
 }
 
-// From how many activation rows expanding the weight to float32 for one dense GEMM beats this
-// build's integer dots (INT64_MAX: never). Measured on one thread at SmolLM2's shapes
-// (bench/results/README.md, "quantized weights"), 3072 x 576:
-// - AVX512-VNNI: the 4-bit formats' dots stay ahead up to 2048 rows (71.6 against 77.2 ms); the
-//   8-bit formats' (int16) break even near 512 rows (Q8_0 19.7 against 19.3 ms);
-// - AVX2: all formats break even near 128 rows (Q4_1 5.7 against 5.5 ms);
-// - portable C++: the dots win at one row only (Q4_1 0.65 against 1.35 ms; 4 rows 1.96 vs 1.47).
-int64_t quant_dense_from_rows(int64_t format) {
+// From how many activation rows expanding a weight to float32 for one dense GEMM beats this
+// build's integer dots. Measured on one thread at SmolLM2's shapes (bench/results/README.md,
+// "quantized weights"): with AVX512-VNNI the two break even near 256 rows (3072 x 576 Q4_1:
+// 10.8 against 10.4 ms; 5.3 against 6.5 at 128), with AVX2 between 64 and 128 (3.3 against 3.4
+// ms at 64, 6.9 against 6.2 at 128); the portable C++ dots win at
+// one row only (0.65 against 1.35 ms; 4 rows: 1.96 against 1.47).
+int64_t quant_dense_from_rows() {
 #if defined(KVOPS_QUANT_VNNI)
-  return is_4bit(format) ? INT64_MAX : 512;
+  return 256;
 #elif defined(KVOPS_QUANT_AVX2)
   return 128;
 #else
@@ -456,7 +435,7 @@ TORCH_LIBRARY_FRAGMENT(kvops, m) {
       "quant_linear_cpu(Tensor x, Tensor weight, Tensor scale, int format, Tensor(a!) out) "
       "-> ()");
   m.def("dequantize_cpu(Tensor weight, Tensor scale, int format, Tensor(a!) out) -> ()");
-  m.def("quant_dense_from_rows(int format) -> int", &quant_dense_from_rows);
+  m.def("quant_dense_from_rows() -> int", &quant_dense_from_rows);
 }
 
 TORCH_LIBRARY_IMPL(kvops, CPU, m) {
