@@ -23,33 +23,20 @@ from torch import nn
 
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
-# With many activation rows (prefill) the CPU expands the weight for one dense GEMM instead of
-# the integer dots. For the 4-bit formats, where the CPU has AVX512-BF16 (AMD Zen 4, Intel
-# Sapphire Rapids and later), in bfloat16 (float32 sums): oneDNN's bfloat16 GEMM is 2.6x its
-# float32 one there (3072 x 576, 2048 rows, one thread: 37 against 98 ms), and passes the
-# integer dots from BF16_DENSE_FROM_ROWS rows (3072 x 576 Q4_1 at 64 rows: 2.3 against 2.5 ms);
-# perplexity with the Q4_1 file +0.03% over float32 (llama.cpp's own: +0.30%). Q8_0 and int8,
-# the formats chosen to stay close to float32, keep float32: with bfloat16 Q8_0's greedy output
-# left the reference's at a 0.2-nat margin. Otherwise the GEMM is float32, from
-# `torch.ops.kvops.quant_dense_from_rows()` rows, which the C++ build answers for its own
-# instructions (256 with AVX512-VNNI, 128 with AVX2). A matrix whose float copy is larger than
-# DENSE_SCRATCH_BYTES never expands: it would take fresh pages from the kernel at every call
-# (the 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms of dots).
-BF16_DENSE_FROM_ROWS = 64
+# With many activation rows (prefill) the CPU expands the weight to float32 for one dense GEMM
+# instead of the integer dots: from `torch.ops.kvops.quant_dense_from_rows()` rows, which the
+# C++ build answers for its own instructions (256 with AVX512-VNNI, 128 with AVX2). A matrix
+# whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands: it would take fresh pages
+# from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms
+# of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
 
 
-BF16_FORMATS = ("q4_0", "q4_1")
-
-
 @functools.cache
-def dense_gemm(fmt: str) -> tuple[int, torch.dtype]:
-    """From how many rows the CPU expands a weight of format `fmt`, and to what (asked once: a
-    torch op costs microseconds, and a decode step makes hundreds of linear calls)."""
-    cpu_has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if fmt in BF16_FORMATS and cpu_has_bf16 and torch.backends.mkldnn.is_available():
-        return BF16_DENSE_FROM_ROWS, torch.bfloat16
-    return torch.ops.kvops.quant_dense_from_rows(), torch.float32
+def dense_from_rows() -> int:
+    """The rows from which the C++ build expands a weight (asked once: a torch op costs
+    microseconds, and a decode step makes hundreds of linear calls)."""
+    return torch.ops.kvops.quant_dense_from_rows()
 
 
 __all__ = [
@@ -122,11 +109,10 @@ class QuantizedLinear(nn.Module):
             y = triton_quant_linear.quant_matmul(
                 rows, self.weight, self.fmt, self.out_features, self.in_features, scale=scale
             )
-        elif self.may_expand and rows.shape[0] >= dense_gemm(self.fmt)[0]:
+        elif self.may_expand and rows.shape[0] >= dense_from_rows():
             dense = torch.empty(self.out_features, self.in_features)
             torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
-            dtype = dense_gemm(self.fmt)[1]
-            y = F.linear(rows.to(dtype), dense.to(dtype)).float()
+            y = F.linear(rows.float(), dense)
         else:
             y = torch.empty(rows.shape[0], self.out_features)
             torch.ops.kvops.quant_linear_cpu(
