@@ -112,11 +112,10 @@ def test_prefill_sizes_expand_the_weight_exactly_where_the_build_says_it_pays(fm
     assert torch.equal(dense, expected)
     linear = QuantizedLinear(QuantizedTensor(fmt, data, (96, 576), scale))
     expands_from = dense_from_rows()
-    if expands_from <= 2048:
-        x = torch.randn(expands_from, 576)
-        torch.testing.assert_close(linear(x), x @ expected.T, rtol=1e-5, atol=1e-5)
-    # Below it (at every size where the dots always win), the integer dots.
-    x = torch.randn(min(expands_from, 2048) - 1, 576)
+    x = torch.randn(expands_from, 576)
+    torch.testing.assert_close(linear(x), x @ expected.T, rtol=1e-5, atol=1e-5)
+    # Below it, the integer dots.
+    x = torch.randn(expands_from - 1, 576)
     dots = torch.empty(x.shape[0], 96)
     torch.ops.kvops.quant_linear_cpu(x, data, scale, FORMATS[fmt].code, dots)
     assert torch.equal(linear(x), dots)

@@ -89,8 +89,7 @@ class QuantizedLinear(nn.Module):
         self.fmt = weight.fmt
         self.code = FORMATS[weight.fmt].code
         self.out_features, self.in_features = weight.shape
-        small = self.out_features * self.in_features * 4 <= DENSE_SCRATCH_BYTES
-        self.may_expand = small
+        self.may_expand = self.out_features * self.in_features * 4 <= DENSE_SCRATCH_BYTES
         # Buffers: they follow .to() and count in memory reports, but are not parameters.
         self.register_buffer("weight", weight.data, persistent=False)
         self.register_buffer(

@@ -414,10 +414,10 @@ void dequantize_cpu(
 
 // From how many activation rows expanding a weight to float32 for one dense GEMM beats this
 // build's integer dots. Measured on one thread at SmolLM2's shapes (bench/results/README.md,
-// "quantized weights"): with AVX512-VNNI the two break even near 256 rows (3072 x 576 Q4_1:
-// 10.8 against 10.4 ms; 5.3 against 6.5 at 128), with AVX2 between 64 and 128 (3.3 against 3.4
-// ms at 64, 6.9 against 6.2 at 128); the portable C++ dots win at
-// one row only (0.65 against 1.35 ms; 4 rows: 1.96 against 1.47).
+// "2026-11-30 18:30-19:37"), 3072 x 576 Q4_1: with AVX512-VNNI the two break even near 256
+// rows (10.8 against 10.4 ms; 5.3 against 6.5 at 128), with AVX2 between 64 and 128 (3.3
+// against 3.4 ms at 64, 6.9 against 6.2 at 128); the portable C++ dots win at one row only
+// (0.65 against 1.35 ms; 4 rows: 1.96 against 1.47).
 int64_t quant_dense_from_rows() {
 #if defined(KVOPS_QUANT_VNNI)
   return 256;
