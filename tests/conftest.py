@@ -13,7 +13,13 @@ if not torch.cuda.is_available():
 
 # Fixtures that load the real default model or start `kvops serve`: a test using one is slow,
 # and `make test-fast` leaves it out.
-REAL_MODEL_FIXTURES = {"smollm2_engine", "async_engine", "default_server", "small_server"}
+REAL_MODEL_FIXTURES = {
+    "smollm2_engine",
+    "served_engine",
+    "async_engine",
+    "default_server",
+    "small_server",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -29,6 +35,18 @@ def smollm2_engine():
     from kvops.worker.engine import LLMEngine
 
     return LLMEngine(EngineConfig(quantization="none"))
+
+
+@pytest.fixture(scope="session")
+def served_engine():
+    """The default model as `kvops serve` runs it, in the file's own formats (Q4_1 layers, a
+    Q8_0 embedding): the answers a server must give. Not the float32 engine: quantized weights
+    answer differently where two tokens are near-tied (the prompt's rows of the 4-bit formats
+    run in bfloat16 where the CPU has AVX512-BF16)."""
+    from kvops.worker.config import EngineConfig
+    from kvops.worker.engine import LLMEngine
+
+    return LLMEngine(EngineConfig())
 
 
 @pytest.fixture(scope="session")

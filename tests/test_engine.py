@@ -199,10 +199,11 @@ def async_engine():
     engine.shutdown()
 
 
-def test_async_streams_concurrent_requests(async_engine, smollm2_engine):
+def test_async_streams_concurrent_requests(async_engine, served_engine):
     prompts = [f"Give me a fun fact about the number {i}." for i in range(12)]
+    # Each alone, in an engine of the same configuration.
     expected = [
-        run_one(smollm2_engine, chat_ids(smollm2_engine, p), greedy(12)).token_ids for p in prompts
+        run_one(served_engine, chat_ids(served_engine, p), greedy(12)).token_ids for p in prompts
     ]
 
     async def one(prompt: str) -> list[int]:

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -22,7 +23,9 @@ from kvops.worker.ops.quant_linear import (
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedTensor,
+    bfloat16_gemm,
     dense_from_rows,
+    prompt_rows_from,
 )
 from kvops.worker.weights import load_model_weights, resolve_model
 
@@ -103,34 +106,62 @@ def test_kernel_equals_the_reference_on_the_same_rounded_activations(fmt, m, n, 
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_prefill_sizes_expand_the_weight_exactly_where_the_build_says_it_pays(fmt):
+def test_the_kernel_expands_a_weight_as_the_reference_does(fmt):
     data, scale = quantize(weight(96, 576), fmt)
     scale = torch.empty(0) if scale is None else scale
     expected = dequantize(data, fmt, 576, scale)
-    dense = torch.empty(96, 576)
-    torch.ops.kvops.dequantize_cpu(data, scale, FORMATS[fmt].code, dense)
-    assert torch.equal(dense, expected)
-    linear = QuantizedLinear(QuantizedTensor(fmt, data, (96, 576), scale))
-    expands_from = dense_from_rows()
-    x = torch.randn(expands_from, 576)
-    torch.testing.assert_close(linear(x), x @ expected.T, rtol=1e-5, atol=1e-5)
-    # Below it, the integer dots.
-    x = torch.randn(expands_from - 1, 576)
-    dots = torch.empty(x.shape[0], 96)
-    torch.ops.kvops.quant_linear_cpu(x, data, scale, FORMATS[fmt].code, dots)
-    assert torch.equal(linear(x), dots)
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = torch.empty(96, 576, dtype=dtype)
+        torch.ops.kvops.dequantize_cpu(data, scale, FORMATS[fmt].code, dense)
+        assert torch.equal(dense, expected.to(dtype))  # bit for bit, rounded as torch rounds
+
+
+def dots(x: torch.Tensor, linear: QuantizedLinear) -> torch.Tensor:
+    y = torch.empty(x.shape[0], linear.out_features)
+    torch.ops.kvops.quant_linear_cpu(x, linear.weight, linear.scale, linear.code, y)
+    return y
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_the_batch():
-    data, _ = quantize(weight(256, 576), "q4_1")
-    linear = QuantizedLinear(QuantizedTensor("q4_1", data, (256, 576)))
-    # Across groups of rows and a partial one, below the rows where a dense GEMM takes over.
-    rows = min(19, dense_from_rows() - 1)
-    x = torch.randn(rows, 576)
-    batched = linear(x)
-    for i in range(rows):
-        assert torch.equal(linear(x[i : i + 1]), batched[i : i + 1])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prompt_rows_expand_the_weight_where_the_build_says_it_pays(fmt):
+    data, scale = quantize(weight(96, 576), fmt)
+    linear = QuantizedLinear(QuantizedTensor(fmt, data, (96, 576), scale))
+    expected = dequantize(data, fmt, 576, scale)
+    if bfloat16_gemm(fmt):
+        # Every prompt row, however few, through one bfloat16 GEMM.
+        x = torch.randn(3, 576)
+        with prompt_rows_from(0):
+            got = linear(x)
+        assert torch.equal(got, F.linear(x.bfloat16(), expected.bfloat16()).float())
+        return
+    expands_from = dense_from_rows()
+    x = torch.randn(expands_from, 576)
+    with prompt_rows_from(0):
+        got = linear(x)
+    torch.testing.assert_close(got, x @ expected.T, rtol=1e-5, atol=1e-5)
+    # Below it, the integer dots; and decode rows (outside prompt_rows_from) always.
+    with prompt_rows_from(1):
+        assert torch.equal(linear(x), dots(x, linear))
+    assert torch.equal(linear(x), dots(x, linear))
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_a_rows_result_depends_on_its_kind_and_not_on_its_batch(fmt):
+    """A decode row is the integer dots', a prompt row its prompt's alone, whatever they are
+    batched with: concurrent requests get the answers each gets alone."""
+    data, scale = quantize(weight(256, 576), fmt)
+    linear = QuantizedLinear(QuantizedTensor(fmt, data, (256, 576), scale))
+    x = torch.randn(5 + 40, 576)
+    with prompt_rows_from(5):
+        batched = linear(x)
+    for i in range(5):
+        assert torch.equal(batched[i : i + 1], linear(x[i : i + 1]))
+    with prompt_rows_from(0):
+        assert torch.equal(batched[5:], linear(x[5:]))
+        for start, end in [(5, 7), (20, 45)]:
+            assert torch.equal(batched[start:end], linear(x[start:end]))
 
 
 @needs_kernel

@@ -22,9 +22,9 @@ def channel(default_server):
         yield channel
 
 
-def test_generate_streams_the_engines_greedy_tokens(channel, smollm2_engine):
+def test_generate_streams_the_engines_greedy_tokens(channel, served_engine):
     prompt = "The three primary colours are"
-    [expected] = smollm2_engine.generate(
+    [expected] = served_engine.generate(
         [prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     )
     stub = engine_pb2_grpc.EngineStub(channel)
@@ -44,14 +44,14 @@ def test_generate_streams_the_engines_greedy_tokens(channel, smollm2_engine):
     assert last.usage.prompt_tokens == len(expected.prompt_token_ids)
 
 
-def test_chat_tokenize_and_list_models(channel, smollm2_engine):
+def test_chat_tokenize_and_list_models(channel, served_engine):
     stub = engine_pb2_grpc.EngineStub(channel)
     [model] = stub.ListModels(engine_pb2.ListModelsRequest()).models
-    assert model.id == smollm2_engine.model_name
-    assert model.max_model_len == smollm2_engine.max_model_len
+    assert model.id == served_engine.model_name
+    assert model.max_model_len == served_engine.max_model_len
 
     tokens = stub.Tokenize(engine_pb2.TokenizeRequest(text="Hello world"))
-    assert list(tokens.token_ids) == smollm2_engine.tokenizer.encode("Hello world")
+    assert list(tokens.token_ids) == served_engine.tokenizer.encode("Hello world")
 
     chat = engine_pb2.ChatMessages(messages=[engine_pb2.ChatMessage(role="user", content="Hi!")])
     sampling = engine_pb2.SamplingParams(max_tokens=8)

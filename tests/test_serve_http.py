@@ -23,15 +23,15 @@ def client(default_server):
     return openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def test_models_lists_the_served_model(client, smollm2_engine):
+def test_models_lists_the_served_model(client, served_engine):
     [model] = client.models.list().data
-    assert model.id == smollm2_engine.model_name
+    assert model.id == served_engine.model_name
     assert model.owned_by == "kvops"
 
 
-def test_chat_equals_the_engine_streaming_or_not(client, smollm2_engine):
-    expected = engine_answer(smollm2_engine, QUESTION, 24)
-    model = smollm2_engine.model_name
+def test_chat_equals_the_engine_streaming_or_not(client, served_engine):
+    expected = engine_answer(served_engine, QUESTION, 24)
+    model = served_engine.model_name
 
     reply = client.chat.completions.create(
         model=model, messages=QUESTION, max_tokens=24, temperature=0
@@ -60,9 +60,9 @@ def test_chat_equals_the_engine_streaming_or_not(client, smollm2_engine):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
-def test_completions_with_logprobs_stop_and_n(client, smollm2_engine):
+def test_completions_with_logprobs_stop_and_n(client, served_engine):
     reply = client.completions.create(
-        model=smollm2_engine.model_name,
+        model=served_engine.model_name,
         prompt="The capital of France is",
         max_tokens=8,
         temperature=0,
@@ -84,7 +84,7 @@ def test_completions_with_logprobs_stop_and_n(client, smollm2_engine):
 
     def sample():
         return client.completions.create(
-            model=smollm2_engine.model_name,
+            model=served_engine.model_name,
             prompt="Once upon a time",
             max_tokens=12,
             temperature=1.0,
@@ -99,7 +99,7 @@ def test_completions_with_logprobs_stop_and_n(client, smollm2_engine):
     assert 3 <= sampled.usage.completion_tokens <= 3 * 12
 
     stopped = client.chat.completions.create(
-        model=smollm2_engine.model_name,
+        model=served_engine.model_name,
         messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
         max_tokens=64,
         temperature=0,
@@ -109,9 +109,9 @@ def test_completions_with_logprobs_stop_and_n(client, smollm2_engine):
     assert stopped.choices[0].finish_reason == "stop"
 
 
-def test_chat_logprobs(client, smollm2_engine):
+def test_chat_logprobs(client, served_engine):
     reply = client.chat.completions.create(
-        model=smollm2_engine.model_name,
+        model=served_engine.model_name,
         messages=QUESTION,
         max_tokens=6,
         temperature=0,
@@ -124,9 +124,9 @@ def test_chat_logprobs(client, smollm2_engine):
     assert all(len(item.top_logprobs) == 2 for item in content)
 
 
-def test_64_concurrent_clients_get_their_own_answers(default_server, smollm2_engine):
+def test_64_concurrent_clients_get_their_own_answers(default_server, served_engine):
     prompts = [[{"role": "user", "content": f"Say the number {i} in words."}] for i in range(8)]
-    expected = [engine_answer(smollm2_engine, p, 12) for p in prompts]
+    expected = [engine_answer(served_engine, p, 12) for p in prompts]
 
     async def ask_all() -> list[str]:
         async with openai.AsyncOpenAI(
@@ -135,7 +135,7 @@ def test_64_concurrent_clients_get_their_own_answers(default_server, smollm2_eng
 
             async def ask(messages):
                 reply = await client.chat.completions.create(
-                    model=smollm2_engine.model_name, messages=messages, max_tokens=12, temperature=0
+                    model=served_engine.model_name, messages=messages, max_tokens=12, temperature=0
                 )
                 return reply.choices[0].message.content
 
@@ -145,10 +145,10 @@ def test_64_concurrent_clients_get_their_own_answers(default_server, smollm2_eng
     assert answers == [expected[i % 8] for i in range(64)]
 
 
-def test_disconnecting_mid_stream_aborts_and_frees_the_cache(default_server, smollm2_engine):
+def test_disconnecting_mid_stream_aborts_and_frees_the_cache(default_server, served_engine):
     before = wait_until_idle(default_server)
     body = {
-        "model": smollm2_engine.model_name,
+        "model": served_engine.model_name,
         "messages": QUESTION,
         "max_tokens": 400,
         "temperature": 0,
@@ -174,10 +174,10 @@ def test_disconnecting_mid_stream_aborts_and_frees_the_cache(default_server, smo
     )
 
 
-def test_disconnecting_a_non_streaming_request_aborts_it(default_server, smollm2_engine):
+def test_disconnecting_a_non_streaming_request_aborts_it(default_server, served_engine):
     before = wait_until_idle(default_server)
     body = {
-        "model": smollm2_engine.model_name,
+        "model": served_engine.model_name,
         "prompt": "Once upon a time",
         "max_tokens": 400,
         "ignore_eos": True,
@@ -251,15 +251,15 @@ def test_unknown_paths_and_methods_get_openai_errors(default_server):
     assert "error" in wrong_method.json()
 
 
-def test_metrics_are_exposed_with_plausible_values(default_server, client, smollm2_engine):
+def test_metrics_are_exposed_with_plausible_values(default_server, client, served_engine):
     client.chat.completions.create(
-        model=smollm2_engine.model_name, messages=QUESTION, max_tokens=4, temperature=0
+        model=served_engine.model_name, messages=QUESTION, max_tokens=4, temperature=0
     )
     samples = wait_until_idle(default_server)
     names = {name for name, _ in samples}
     for metric in METRIC_NAMES:
         assert metric in names or f"{metric}_count" in names, metric
-    model = smollm2_engine.model_name
+    model = served_engine.model_name
     successes = metric_sum(samples, "kvops_requests_total", outcome="success", model=model)
     assert successes >= 1
     assert metric_sum(samples, "kvops_time_to_first_token_seconds_count") >= successes
@@ -272,7 +272,7 @@ def test_metrics_are_exposed_with_plausible_values(default_server, client, smoll
     )
 
 
-def test_a_request_span_reaches_the_otlp_receiver(default_server, otlp_receiver, smollm2_engine):
+def test_a_request_span_reaches_the_otlp_receiver(default_server, otlp_receiver, served_engine):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     reply = httpx.post(
@@ -288,11 +288,11 @@ def test_a_request_span_reaches_the_otlp_receiver(default_server, otlp_receiver,
         if any(s.name.startswith("chat ") for s in spans):
             break
         time.sleep(0.2)
-    [server_span] = [s for s in spans if s.name == f"chat {smollm2_engine.model_name}"]
+    [server_span] = [s for s in spans if s.name == f"chat {served_engine.model_name}"]
     assert server_span.parent_span_id == "00f067aa0ba902b7"
     attributes = server_span.attributes
     assert attributes["gen_ai.operation.name"] == "chat"
-    assert attributes["gen_ai.request.model"] == smollm2_engine.model_name
+    assert attributes["gen_ai.request.model"] == served_engine.model_name
     assert attributes["gen_ai.request.max_tokens"] == 3
     assert attributes["gen_ai.usage.output_tokens"] == reply.json()["usage"]["completion_tokens"]
     assert attributes["gen_ai.usage.input_tokens"] == reply.json()["usage"]["prompt_tokens"]

@@ -52,9 +52,9 @@ def small_server(tls_files):
 
 
 def test_a_burst_beyond_the_queue_gets_429s_and_the_rest_correct_answers(
-    small_server, smollm2_engine
+    small_server, served_engine
 ):
-    expected = engine_answer(smollm2_engine, HELLO, 24)
+    expected = engine_answer(served_engine, HELLO, 24)
     body = {"messages": HELLO, "max_tokens": 24, "temperature": 0}
 
     async def burst() -> list[httpx.Response]:
@@ -120,7 +120,7 @@ def test_the_api_key_is_required_and_never_logged(small_server, tls_files):
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
 
-def test_sigterm_finishes_the_running_request_then_exits_0(smollm2_engine):
+def test_sigterm_finishes_the_running_request_then_exits_0(served_engine):
     with ServeProcess("--shutdown-grace", "60") as server:
         body = {
             "messages": HELLO,
@@ -149,7 +149,7 @@ def test_sigterm_finishes_the_running_request_then_exits_0(smollm2_engine):
                     text += choice["delta"].get("content", "")
                     finish = choice["finish_reason"] or finish
         assert finish == "length"
-        assert text == engine_answer(smollm2_engine, HELLO, 48, ignore_eos=True)
+        assert text == engine_answer(served_engine, HELLO, 48, ignore_eos=True)
         assert server.wait(60) == 0
 
 

@@ -16,7 +16,12 @@ from torch import nn
 
 from kvops.worker.config import ModelConfig
 from kvops.worker.ops.merged_linear import merge_linears
-from kvops.worker.ops.quant_linear import QuantizedEmbedding, QuantizedLinear, QuantizedTensor
+from kvops.worker.ops.quant_linear import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedTensor,
+    prompt_rows_from,
+)
 
 
 @dataclass
@@ -251,8 +256,10 @@ class CausalLM(nn.Module):
         """Hidden states [num_tokens, hidden] after the final norm."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
+        # Quantized layers take a prompt's rows and a decode's rows their own ways.
+        with prompt_rows_from(meta.num_decode_tokens):
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+                x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -23,20 +26,55 @@ from torch import nn
 
 from kvops.worker.ops.quant_formats import FORMATS, dequantize
 
-# With many activation rows (prefill) the CPU expands the weight to float32 for one dense GEMM
-# instead of the integer dots: from `torch.ops.kvops.quant_dense_from_rows()` rows, which the
-# C++ build answers for its own instructions (256 with AVX512-VNNI, 128 with AVX2). A matrix
-# whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands: it would take fresh pages
-# from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at 128 rows against 74 ms
-# of dots).
+# A prompt's rows are many, and for them the CPU expands the weight for one dense GEMM instead
+# of the integer dots; a decode's single row always takes the dots. Which rows are a prompt's is
+# said by CausalLM.forward (`prompt_rows_from`): the runner orders a step's decodes first.
+#
+# For the 4-bit formats, where the CPU has AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids and
+# later), every prompt row takes a bfloat16 GEMM, however few: oneDNN's bfloat16 GEMM is 2.6x
+# its float32 one there and passes the dots from about 12 rows (3072 x 576 Q4_1, one thread: at
+# 32 rows 0.22 ms to expand plus 0.64 against 1.29 ms of dots); Q4_1 perplexity +0.03% over
+# float32 (llama.cpp's own: +0.30%). A prompt row's precision must not depend on what it is
+# batched with: concurrent requests must get the answers each gets alone (a row count threshold
+# over the whole step failed tests/test_engine.py and test_serve_http.py that way). oneDNN's
+# bfloat16 GEMM gives each row the same bits whatever the row count (checked 1-700 rows).
+# Q8_0 and int8, the formats chosen to stay close to float32, keep float32: with bfloat16, Q8_0's
+# greedy output left the reference's at a 0.2-nat margin. Their float32 GEMM pays from
+# `torch.ops.kvops.quant_dense_from_rows()` prompt rows, which the C++ build answers for its own
+# instructions (256 with AVX512-VNNI, 128 with AVX2); the float32 GEMM and the int16 dots agree
+# to about 1e-5. A matrix whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands:
+# it would take fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at
+# 128 rows against 74 ms of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
+BF16_FORMATS = ("q4_0", "q4_1")
+
+# Where the prompt rows of the step being run begin; None outside a step's forward pass (the
+# language-model head, whose rows are one per request, and direct calls): no prompt rows.
+_first_prompt_row: ContextVar[int | None] = ContextVar("first_prompt_row", default=None)
+
+
+@contextmanager
+def prompt_rows_from(row: int) -> Iterator[None]:
+    """Within this block, rows from `row` on of the quantized layers' inputs are prompt tokens."""
+    token = _first_prompt_row.set(row)
+    try:
+        yield
+    finally:
+        _first_prompt_row.reset(token)
 
 
 @functools.cache
 def dense_from_rows() -> int:
-    """The rows from which the C++ build expands a weight (asked once: a torch op costs
-    microseconds, and a decode step makes hundreds of linear calls)."""
+    """The prompt rows from which the C++ build expands a weight to float32 (asked once: a torch
+    op costs microseconds, and a decode step makes hundreds of linear calls)."""
     return torch.ops.kvops.quant_dense_from_rows()
+
+
+@functools.cache
+def bfloat16_gemm(fmt: str) -> bool:
+    """Whether prompt rows of format `fmt` take a bfloat16 GEMM on this CPU."""
+    cpu_has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return fmt in BF16_FORMATS and cpu_has_bf16 and torch.backends.mkldnn.is_available()
 
 
 __all__ = [
@@ -44,6 +82,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedTensor",
     "kernel_missing",
+    "prompt_rows_from",
 ]
 
 
@@ -108,18 +147,36 @@ class QuantizedLinear(nn.Module):
             y = triton_quant_linear.quant_matmul(
                 rows, self.weight, self.fmt, self.out_features, self.in_features, scale=scale
             )
-        elif self.may_expand and rows.shape[0] >= dense_from_rows():
-            dense = torch.empty(self.out_features, self.in_features)
-            torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
-            y = F.linear(rows.float(), dense)
         else:
-            y = torch.empty(rows.shape[0], self.out_features)
-            torch.ops.kvops.quant_linear_cpu(
-                rows.float().contiguous(), self.weight, self.scale, self.code, y
-            )
+            y = self._cpu(rows.float())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
+        """Decode rows through the integer dots, prompt rows through a dense GEMM where it pays."""
+        first = _first_prompt_row.get()
+        first = rows.shape[0] if first is None else min(first, rows.shape[0])
+        dtype = self._prompt_gemm_dtype(rows.shape[0] - first)
+        y = torch.empty(rows.shape[0], self.out_features)
+        dots = first if dtype is not None else rows.shape[0]
+        if dots:
+            torch.ops.kvops.quant_linear_cpu(
+                rows[:dots].contiguous(), self.weight, self.scale, self.code, y[:dots]
+            )
+        if dtype is not None:
+            dense = torch.empty(self.out_features, self.in_features, dtype=dtype)
+            torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
+            y[first:] = F.linear(rows[first:].to(dtype), dense)
+        return y
+
+    def _prompt_gemm_dtype(self, prompt_rows: int) -> torch.dtype | None:
+        """The dtype of the dense GEMM for this many prompt rows (None: the dots take them)."""
+        if not prompt_rows or not self.may_expand:
+            return None
+        if bfloat16_gemm(self.fmt):
+            return torch.bfloat16
+        return torch.float32 if prompt_rows >= dense_from_rows() else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"

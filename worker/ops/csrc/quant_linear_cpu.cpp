@@ -29,6 +29,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -368,15 +369,68 @@ void quant_linear_cpu(
   }
 }
 
-// The float32 matrix [N, K] of a quantized weight, for a GEMM library at prefill sizes: with
-// many activation rows, a dense GEMM on the matrix expanded once beats a dot per row and block.
+// The matrix [N, K] of a quantized weight in float32 or bfloat16, for a GEMM library at prefill
+// sizes: with many activation rows, a dense GEMM on the matrix expanded once beats a dot per row
+// and block. Each value is computed in float32 as the torch reference does (d * (q - 8), not
+// d * q - 8 d: bit for bit); bfloat16 rounds it to nearest even, as torch's .to() does.
+inline void store(float v, float* o) { *o = v; }
+inline void store(float v, c10::BFloat16* o) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  std::memcpy(o, &rounded, 2);
+}
+
+// One format per instantiation, so that the compiler vectorizes the block's 32 values.
+template <int64_t kFormat, typename Out>
+void dequantize_rows(const uint8_t* wp, const float* row_scale, int64_t begin, int64_t end,
+                     int64_t K, Out* op) {
+  constexpr int64_t bytes = block_bytes_of(kFormat);
+  const int64_t num_blocks = K / kBlock;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* w = wp + n * num_blocks * bytes;
+    Out* o = op + n * K;
+    for (int64_t b = 0; b < num_blocks; ++b, w += bytes, o += kBlock) {
+      const uint8_t* q = block_values<kFormat>(w);
+      float v[kBlock];
+      if constexpr (kFormat == kQ8_0 || kFormat == kInt8) {
+        const float d = kFormat == kInt8 ? row_scale[n] : half_to_float(w);
+        for (int j = 0; j < kBlock; ++j) v[j] = d * float(static_cast<int8_t>(q[j]));
+      } else {
+        const float d = half_to_float(w);
+        const float m = kFormat == kQ4_1 ? half_to_float(w + 2) : 0.f;
+        constexpr int offset = kFormat == kQ4_1 ? 0 : 8;
+        for (int j = 0; j < 16; ++j) {
+          v[j] = d * float((q[j] & 0x0F) - offset) + m;
+          v[j + 16] = d * float((q[j] >> 4) - offset) + m;
+        }
+      }
+      for (int j = 0; j < kBlock; ++j) store(v[j], o + j);
+    }
+  }
+}
+
+template <typename Out>
+void dequantize_all(const uint8_t* wp, const float* sp, int64_t format, int64_t N, int64_t K,
+                    Out* op) {
+  at::parallel_for(0, N, kRowTile, [&](int64_t begin, int64_t end) {
+    switch (format) {
+      case kQ8_0: return dequantize_rows<kQ8_0>(wp, sp, begin, end, K, op);
+      case kQ4_0: return dequantize_rows<kQ4_0>(wp, sp, begin, end, K, op);
+      case kQ4_1: return dequantize_rows<kQ4_1>(wp, sp, begin, end, K, op);
+      default: return dequantize_rows<kInt8>(wp, sp, begin, end, K, op);
+    }
+  });
+}
+
 void dequantize_cpu(
     const at::Tensor& weight, const at::Tensor& scale, int64_t format, at::Tensor& out) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.element_size() == 1,
               "dequantize_cpu: weight must be a contiguous 1-byte [N, row_bytes] tensor");
-  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.size(0) == weight.size(0) && out.size(1) % kBlock == 0,
-              "dequantize_cpu: out must be a contiguous float32 [N, K] tensor");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == weight.size(0) &&
+                  out.size(1) % kBlock == 0 &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "dequantize_cpu: out must be a contiguous float32 or bfloat16 [N, K] tensor");
   const int64_t N = out.size(0), K = out.size(1), num_blocks = K / kBlock;
   const int64_t block_bytes = block_bytes_of(format);
   TORCH_CHECK(block_bytes != 0, "dequantize_cpu: unknown format code ", format);
@@ -386,30 +440,10 @@ void dequantize_cpu(
               "dequantize_cpu: int8 needs a float32 scale of N values");
   const uint8_t* wp = static_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = format == kInt8 ? scale.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, kRowTile, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* w = wp + n * num_blocks * block_bytes;
-      float* o = op + n * K;
-      for (int64_t b = 0; b < num_blocks; ++b, w += block_bytes, o += kBlock) {
-        if (format == kQ8_0) {
-          const float d = half_to_float(w);
-          for (int j = 0; j < kBlock; ++j) o[j] = d * float(static_cast<int8_t>(w[2 + j]));
-        } else if (format == kInt8) {
-          for (int j = 0; j < kBlock; ++j) o[j] = sp[n] * float(static_cast<int8_t>(w[j]));
-        } else {
-          const float d = half_to_float(w);
-          const float m = format == kQ4_1 ? half_to_float(w + 2) : 0.f;
-          const int offset = format == kQ4_1 ? 0 : 8;
-          const uint8_t* q = w + (format == kQ4_1 ? 4 : 2);
-          for (int j = 0; j < 16; ++j) {
-            o[j] = d * float((q[j] & 0x0F) - offset) + m;
-            o[j + 16] = d * float((q[j] >> 4) - offset) + m;
-          }
-        }
-      }
-    }
-  });
+  if (out.scalar_type() == at::kFloat)
+    dequantize_all(wp, sp, format, N, K, out.data_ptr<float>());
+  else
+    dequantize_all(wp, sp, format, N, K, out.data_ptr<c10::BFloat16>());
 }
 
 // From how many activation rows expanding a weight to float32 for one dense GEMM beats this
