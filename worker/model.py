@@ -8,6 +8,7 @@ greedy output must equal transformers' token for token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,8 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, max_positions)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The layers as one C++ op each, for steps of decodes only (ops/cpu_decode_layer.py).
+        self.fused_decode_layers: list[Callable[..., torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -256,9 +259,12 @@ class CausalLM(nn.Module):
         """Hidden states [num_tokens, hidden] after the final norm."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        layers: Iterable[Callable[..., torch.Tensor]] = self.model.layers
+        if self.fused_decode_layers and meta.num_decode_tokens == x.shape[0]:
+            layers = self.fused_decode_layers
         # Quantized layers take a prompt's rows and a decode's rows their own ways.
         with prompt_rows_from(meta.num_decode_tokens):
-            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            for layer, kv_cache in zip(layers, kv_caches, strict=True):
                 x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 

@@ -15,6 +15,7 @@ import torch
 from kvops.worker.config import EngineConfig, ModelConfig, torch_dtype
 from kvops.worker.model import AttentionMetadata, build_model
 from kvops.worker.ops.attention import get_attention_backend
+from kvops.worker.ops.cpu_decode_layer import fuse_decode_layers
 from kvops.worker.ops.cpu_linear import PackedLinear, pack_linear_layers, packing_available
 from kvops.worker.ops.quant_linear import QuantizedTensor
 from kvops.worker.request import TokenLogprob
@@ -45,6 +46,8 @@ class ModelRunner:
         )
         if packing_available(self.device, self.dtype):
             pack_linear_layers(self.model)
+        if self.device.type == "cpu":
+            fuse_decode_layers(self.model, self.dtype)
         self.num_blocks = self._num_kv_blocks()
         # kv-head major, the layout every attention backend takes (see ops/attention.py).
         shape = (

@@ -46,10 +46,11 @@ log = logging.getLogger(__name__)
 # (csrc/quant_linear_cpu.cpp, used by quant_linear.py) build, cache and ship with attention.
 _SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
-    for name in ("paged_attention_cpu.cpp", "quant_linear_cpu.cpp")
+    for name in ("paged_attention_cpu.cpp", "quant_linear_cpu.cpp", "decode_layer_cpu.cpp")
 )
+_HEADER = Path(__file__).with_name("csrc") / "kvops_cpu.h"  # the kernels the files share
 HEAD_DIMS = (64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for (attend_for)
-_MAX_GROUP = 64  # query heads per kv head the kernel takes
+MAX_GROUP = 64  # query heads per kv head the kernel takes
 PREBUILT_ENV = "KVOPS_PREBUILT_KERNELS"  # a folder of kernels built by `--build`
 
 # The /proc/cpuinfo flags each x86-64 micro-architecture level (the psABI's, as GCC's -march
@@ -128,7 +129,9 @@ def _stamp(march: str) -> dict[str, str]:
         "march": march,
         "machine": platform.machine(),
         "torch": torch.__version__,
-        "source_sha256": hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES)).hexdigest(),
+        "source_sha256": hashlib.sha256(
+            b"".join(s.read_bytes() for s in (*_SOURCES, _HEADER))
+        ).hexdigest(),
         "cflags": " ".join(_cflags(march)),
     }
 
@@ -249,7 +252,7 @@ def paged_decode_attention(
     num_heads, head_dim = query.shape[1:]
     if not (
         head_dim in HEAD_DIMS
-        and num_heads // k_cache.shape[0] <= _MAX_GROUP
+        and num_heads // k_cache.shape[0] <= MAX_GROUP
         and _kernel_takes(k_cache, v_cache, query)
     ):
         return attention.paged_decode_attention(

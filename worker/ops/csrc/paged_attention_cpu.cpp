@@ -23,6 +23,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "kvops_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -177,6 +179,10 @@ AttendFn attend_for(int64_t head_dim) {
   }
 }
 
+}  // namespace
+
+namespace kvops {
+
 void paged_decode_attention_cpu(const at::Tensor& query, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale, at::Tensor out) {
@@ -305,7 +311,7 @@ void write_kv_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tens
   });
 }
 
-}  // namespace
+}  // namespace kvops
 
 TORCH_LIBRARY(kvops, m) {
   m.def(
@@ -317,6 +323,6 @@ TORCH_LIBRARY(kvops, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvops, CPU, m) {
-  m.impl("paged_decode_attention_cpu", &paged_decode_attention_cpu);
-  m.impl("write_kv_cache_cpu", &write_kv_cache_cpu);
+  m.impl("paged_decode_attention_cpu", &kvops::paged_decode_attention_cpu);
+  m.impl("write_kv_cache_cpu", &kvops::write_kv_cache_cpu);
 }

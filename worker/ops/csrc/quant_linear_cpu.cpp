@@ -33,6 +33,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kvops_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -332,6 +334,10 @@ void multiply(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
   });
 }
 
+}  // namespace
+
+namespace kvops {
+
 void quant_linear_cpu(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -368,6 +374,10 @@ void quant_linear_cpu(
     default: return multiply<kInt8>(xp, M, K, wp, N, sp, op);
   }
 }
+
+}  // namespace kvops
+
+namespace {
 
 // The matrix [N, K] of a quantized weight in float32 or bfloat16, for a GEMM library at prefill
 // sizes: with many activation rows, a dense GEMM on the matrix expanded once beats a dot per row
@@ -473,6 +483,6 @@ TORCH_LIBRARY_FRAGMENT(kvops, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvops, CPU, m) {
-  m.impl("quant_linear_cpu", &quant_linear_cpu);
+  m.impl("quant_linear_cpu", &kvops::quant_linear_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
 }
