@@ -3,8 +3,8 @@
 One request (256 prompt tokens) decodes; after a warm-up the script times `LLMEngine.step()`
 (wall clock and the step thread's CPU time, which a busy machine disturbs less), then runs
 torch's profiler over more steps and reports each op's self time per step, grouped as weight
-GEMMs, attention, and the rest (elementwise ops, copies, Python-issued small ops): the part a
-fused or compiled decode step could remove.
+GEMMs, attention, the fused decoder layers (their GEMMs and attention kernels are inside) and
+the rest (elementwise ops, copies, Python-issued small ops).
 
     .venv/bin/python bench/decode_step_profile.py --quantization file none --threads 1 2
 """
@@ -22,6 +22,10 @@ from records import write_record  # noqa: E402
 
 GEMM_OPS = ("kvops::quant_linear_cpu", "mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")
 ATTENTION_OPS = ("kvops::paged_decode_attention_cpu", "kvops::write_kv_cache_cpu")
+# A decoder layer as one op (worker/ops/cpu_decode_layer.py): it calls the GEMM and attention
+# kernels as C++ functions, which the profiler counts as its own time; the aten ops it calls
+# show as themselves.
+FUSED_LAYER_OPS = ("kvops::decode_layer_cpu",)
 
 
 def profile(quantization: str | None, threads: int, steps: int) -> dict:
@@ -55,6 +59,7 @@ def profile(quantization: str | None, threads: int, steps: int) -> dict:
     total = sum(ms for _, ms, _ in ops)
     gemm = sum(ms for name, ms, _ in ops if name in GEMM_OPS)
     attention = sum(ms for name, ms, _ in ops if name in ATTENTION_OPS)
+    fused = sum(ms for name, ms, _ in ops if name in FUSED_LAYER_OPS)
     return {
         "quantization": engine.quantization,
         "threads": threads,
@@ -63,7 +68,8 @@ def profile(quantization: str | None, threads: int, steps: int) -> dict:
         "profiled_ops_ms_per_step": round(total, 2),
         "gemm_ms_per_step": round(gemm, 2),
         "attention_ms_per_step": round(attention, 2),
-        "other_ops_ms_per_step": round(total - gemm - attention, 2),
+        "fused_layers_ms_per_step": round(fused, 2),
+        "other_ops_ms_per_step": round(total - gemm - attention - fused, 2),
         "op_calls_per_step": round(sum(count for _, _, count in ops)),
         "top_ops": [
             {"op": name, "ms_per_step": round(ms, 3), "calls_per_step": round(count, 1)}

@@ -34,15 +34,15 @@ from kvops.worker.ops.quant_formats import FORMATS, dequantize
 # later), every prompt row takes a bfloat16 GEMM, however few: oneDNN's bfloat16 GEMM is 2.6x
 # its float32 one there and passes the dots from about 12 rows (3072 x 576 Q4_1, one thread: at
 # 32 rows 0.22 ms to expand plus 0.64 against 1.29 ms of dots); Q4_1 perplexity +0.03% over
-# float32 (llama.cpp's own: +0.30%). A prompt row's precision must not depend on what it is
-# batched with: concurrent requests must get the answers each gets alone (a row count threshold
-# over the whole step failed tests/test_engine.py and test_serve_http.py that way). oneDNN's
-# bfloat16 GEMM gives each row the same bits whatever the row count (checked 1-700 rows).
+# float32 (llama.cpp's own: +0.30%). The choice is made per row, not by the step's row count:
+# a row's precision must not depend on what it is batched with, or concurrent requests would
+# get other answers than each gets alone. oneDNN's bfloat16 GEMM gives each row the same bits
+# whatever the row count (checked at 1-700 rows, one and two threads).
 # Q8_0 and int8, the formats chosen to stay close to float32, keep float32: with bfloat16, Q8_0's
 # greedy output left the reference's at a 0.2-nat margin. Their float32 GEMM pays from
 # `torch.ops.kvops.quant_dense_from_rows()` prompt rows, which the C++ build answers for its own
 # instructions (256 with AVX512-VNNI, 128 with AVX2); the float32 GEMM and the int16 dots agree
-# to about 1e-5. A matrix whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands:
+# to about 1e-5 (relative). A matrix whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands:
 # it would take fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at
 # 128 rows against 74 ms of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
