@@ -42,9 +42,9 @@ from kvops.worker.ops.quant_formats import FORMATS, dequantize
 # greedy output left the reference's at a 0.2-nat margin. Their float32 GEMM pays from
 # `torch.ops.kvops.quant_dense_from_rows()` prompt rows, which the C++ build answers for its own
 # instructions (256 with AVX512-VNNI, 128 with AVX2); the float32 GEMM and the int16 dots agree
-# to about 1e-5 (relative). A matrix whose float32 copy is larger than DENSE_SCRATCH_BYTES never expands:
-# it would take fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head: 147 ms at
-# 128 rows against 74 ms of dots).
+# to about 1e-5 (relative). A matrix whose float32 copy is larger than DENSE_SCRATCH_BYTES never
+# expands: it would take fresh pages from the kernel at every call (the 49152 x 576 Q8_0 head:
+# 147 ms at 128 rows against 74 ms of dots).
 DENSE_SCRATCH_BYTES = 32 << 20
 BF16_FORMATS = ("q4_0", "q4_1")
 
