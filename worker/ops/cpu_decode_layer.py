@@ -28,9 +28,8 @@ class FusedDecodeLayer:
     """`DecoderLayer.forward` for an all-decode step, as one torch op."""
 
     def __init__(self, layer: DecoderLayer):
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        quantized = [p for p in projections if isinstance(p, QuantizedLinear)]
+        attn = layer.self_attn
+        quantized = [p for p in projections(layer) if isinstance(p, QuantizedLinear)]
         assert len(quantized) == 4, "fuse_decode_layers takes only quantized projections"
         self.norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         self.eps = layer.input_layernorm.eps
@@ -70,6 +69,12 @@ class FusedDecodeLayer:
         )
 
 
+def projections(layer: DecoderLayer) -> list[torch.nn.Module | None]:
+    """The layer's qkv, o, gate_up and down projections, in the C++ op's order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+
 def fuse_decode_layers(model: CausalLM, kv_dtype: torch.dtype) -> None:
     """Set `model.fused_decode_layers` where every layer qualifies (see the module docstring)."""
     layers = [layer for layer in model.model.layers if isinstance(layer, DecoderLayer)]
@@ -82,11 +87,9 @@ def fuse_decode_layers(model: CausalLM, kv_dtype: torch.dtype) -> None:
     ):
         return
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         if not (
-            attn.backend.name == "cpu"
-            and all(type(p) is QuantizedLinear and p.bias is None for p in projections)
+            layer.self_attn.backend.name == "cpu"
+            and all(type(p) is QuantizedLinear and p.bias is None for p in projections(layer))
             and layer.input_layernorm.weight.dtype == torch.float32
             and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
         ):
