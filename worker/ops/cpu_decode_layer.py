@@ -77,7 +77,6 @@ def projections(layer: DecoderLayer) -> list[torch.nn.Module | None]:
 
 def fuse_decode_layers(model: CausalLM, kv_dtype: torch.dtype) -> None:
     """Set `model.fused_decode_layers` where every layer qualifies (see the module docstring)."""
-    layers = [layer for layer in model.model.layers if isinstance(layer, DecoderLayer)]
     if kv_dtype != torch.float32 or not cpu_attention.extension_available():
         return
     config = model.config
@@ -86,6 +85,7 @@ def fuse_decode_layers(model: CausalLM, kv_dtype: torch.dtype) -> None:
         and config.num_attention_heads // config.num_key_value_heads <= cpu_attention.MAX_GROUP
     ):
         return
+    layers = [layer for layer in model.model.layers if isinstance(layer, DecoderLayer)]
     for layer in layers:
         if not (
             layer.self_attn.backend.name == "cpu"

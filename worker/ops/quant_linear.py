@@ -165,17 +165,17 @@ class QuantizedLinear(nn.Module):
         prompt_rows = 0 if first is None else max(rows.shape[0] - first, 0)
         dtype = self._prompt_gemm_dtype(prompt_rows) if prompt_rows else None
         y = torch.empty(rows.shape[0], self.out_features)
-        if dtype is None:
+        if dtype is None:  # every row through the dots, unsliced (a decode step's every call)
             torch.ops.kvops.quant_linear_cpu(rows, self.weight, self.scale, self.code, y)
             return y
-        first = rows.shape[0] - prompt_rows
-        if first:
+        decodes = rows.shape[0] - prompt_rows
+        if decodes:
             torch.ops.kvops.quant_linear_cpu(
-                rows[:first], self.weight, self.scale, self.code, y[:first]
+                rows[:decodes], self.weight, self.scale, self.code, y[:decodes]
             )
         dense = torch.empty(self.out_features, self.in_features, dtype=dtype)
         torch.ops.kvops.dequantize_cpu(self.weight, self.scale, self.code, dense)
-        y[first:] = F.linear(rows[first:].to(dtype), dense)
+        y[decodes:] = F.linear(rows[decodes:].to(dtype), dense)
         return y
 
     def _prompt_gemm_dtype(self, prompt_rows: int) -> torch.dtype | None:
